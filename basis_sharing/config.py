@@ -1,0 +1,130 @@
+"""Structured-config schemas for every Hydra config group.
+
+The schemas are registered in Hydra's ConfigStore so that a typo'd key or a wrongly typed value fails
+when the config is composed, before any model or data is touched. Groups whose options carry
+different fields (method, finetune, logger) get one schema per option under ``schema/<group>/``;
+each option's YAML lists it first in its defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+@dataclass
+class ModelConfig:
+    """Where a model comes from and the paper-protocol settings that belong to it.
+
+    Exactly one source is used, first match wins: ``local_path`` (a directory written by
+    ``save_pretrained``), ``gguf_package`` (a GGUF file shipped inside an installed Python package),
+    else ``hf_id`` on the Hugging Face hub (``revision`` pins a branch, tag or commit).
+    """
+
+    name: str = MISSING
+    family: str | None = None  # llama / mistral / opt / gpt2; None = read model_type
+    hf_id: str | None = None
+    revision: str | None = None
+    local_path: str | None = None
+    gguf_package: str | None = None
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    context_length: int = 2048
+    calib_batch_size: int = 16
+    eval_batch_size: int = 1
+
+
+@dataclass
+class CalibrationConfig:
+    """Which text the calibration statistics are computed on (method-spec.md section 1.4)."""
+
+    dataset: str | None = None  # None: no calibration set configured
+    split: str = "train"
+    n_samples: int = 256
+    seq_len: int = 2048
+    seed: int = 2023
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation protocol (method-spec.md section 2.1)."""
+
+    ppl_datasets: list[str] = field(default_factory=lambda: ["wikitext2", "ptb", "c4"])
+    max_windows: int | None = None  # None: every window, i.e. the full paper protocol
+    batch_size: int | None = None  # None: model.eval_batch_size
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = "data"  # local data mirror (make data MIRROR=...)
+    cache_dir: str = "~/.cache/basis-sharing"  # converted models, statistics
+    output_root: str = "outputs"  # Hydra run and sweep directories
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+
+
+@dataclass
+class DenseMethodConfig(MethodConfig):
+    """No compression: the "Original" row of the paper's tables."""
+
+
+@dataclass
+class FinetuneConfig:
+    name: str = MISSING
+
+
+@dataclass
+class NoFinetuneConfig(FinetuneConfig):
+    pass
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING
+
+
+@dataclass
+class NoLoggerConfig(LoggerConfig):
+    pass
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    method: Any = MISSING
+    calibration: CalibrationConfig = MISSING
+    finetune: Any = MISSING
+    eval: EvalConfig = MISSING
+    logger: Any = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    ratio: float = 0.2  # target compression ratio of the decoder projections, in (0, 1)
+    seed: int = 0
+    device: str = "auto"  # auto = cuda when available, else cpu
+    offline: bool = False  # never contact the hub, even when a file is missing locally
+
+
+OPTION_SCHEMAS: dict[str, dict[str, type]] = {
+    "method": {"dense": DenseMethodConfig},
+    "finetune": {"none": NoFinetuneConfig},
+    "logger": {"none": NoLoggerConfig},
+}
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    for group, options in OPTION_SCHEMAS.items():
+        for option, node in options.items():
+            cs.store(group=f"schema/{group}", name=option, node=node)
+
+
+register_configs()

@@ -1,0 +1,1 @@
+"""Text corpora (local mirror first, hub second), tokenization and the calibration sampler."""

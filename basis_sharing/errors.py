@@ -1,0 +1,33 @@
+"""Errors a user can act on.
+
+Every exception here carries a message that says what was wrong and what to do. `run.py` prints it
+without a stack trace; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input or a missing resource: the message tells the user how to fix it."""
+
+
+class ConfigError(UserError):
+    """A configuration value is invalid (unknown name, value out of range, inconsistent settings)."""
+
+
+class DataNotFoundError(UserError):
+    """A dataset file is neither in the local mirror nor reachable on the hub."""
+
+
+class HubUnreachableError(UserError):
+    """The Hugging Face hub cannot be reached and no local copy was found."""
+
+
+class CalibrationError(UserError):
+    """The calibration request cannot be satisfied by the chosen split."""
+
+
+def unknown_choice(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> ConfigError:
+    """Build the standard "unknown X" error that lists every valid choice."""
+    choices = ", ".join(sorted(valid))
+    return ConfigError(f"Unknown {kind} '{name}'. Valid choices: {choices}.")

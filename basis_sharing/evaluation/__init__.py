@@ -1,0 +1,1 @@
+"""Perplexity, parameter accounting (and later zero-shot accuracy and throughput)."""

@@ -1,0 +1,61 @@
+"""Parameter accounting: the compression-ratio definition of method-spec.md 1.6.
+
+The ratio counts only the weights of the decoder-block projections (q, k, v, o, up, gate, down, or
+GPT-2's c_attn, attn.c_proj, c_fc, mlp.c_proj). Embeddings, lm_head, norms and biases are neither
+compressed nor counted. A tensor shared by several layers is counted once.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from basis_sharing.models.families import FamilyAdapter
+
+
+def unique_parameters(modules: list[nn.Module], skip_bias: bool = False) -> dict[int, int]:
+    """id(param) -> numel over the parameters of ``modules``, each tensor once."""
+    seen: dict[int, int] = {}
+    for module in modules:
+        for name, param in module.named_parameters():
+            if skip_bias and name.rsplit(".", 1)[-1] == "bias":
+                continue
+            seen.setdefault(id(param), param.numel())
+    return seen
+
+
+def projection_modules(model: nn.Module, family: FamilyAdapter) -> list[nn.Module]:
+    return [family.module(layer, kind) for layer in family.layers(model) for kind in family.kinds]
+
+
+def count_total(model: nn.Module) -> int:
+    """All parameters, each shared tensor once (``parameters()`` deduplicates)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_projection_weights(model: nn.Module, family: FamilyAdapter) -> int:
+    return sum(unique_parameters(projection_modules(model, family), skip_bias=True).values())
+
+
+def dense_projection_weights(model: nn.Module, family: FamilyAdapter) -> int:
+    """What the projections hold uncompressed: sum of d_in * d_out (from their shapes)."""
+    total = 0
+    for layer in family.layers(model):
+        for kind in family.kinds:
+            d_in, d_out = family.shape(layer, kind)
+            total += d_in * d_out
+    return total
+
+
+def parameter_report(model: nn.Module, family: FamilyAdapter, dense_projections: int) -> dict:
+    """Counts for results.json.
+
+    Args:
+        dense_projections: projection weights of the uncompressed model (before surgery).
+    """
+    projections = count_projection_weights(model, family)
+    return {
+        "total": count_total(model),
+        "decoder_projections": projections,
+        "dense_decoder_projections": dense_projections,
+        "achieved_ratio": 1.0 - projections / dense_projections,
+    }

@@ -1,0 +1,64 @@
+"""Name-keyed registry of compression methods (DESIGN.md principle 4).
+
+A method is a class registered with ``@register_method("name")``; the Hydra ``method`` group selects
+it by ``method.name``. The pipeline asks a method what it needs before any heavy work starts
+(``needs_calibration``) and then calls ``compress`` once on the loaded model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from basis_sharing.errors import unknown_choice
+from basis_sharing.models.families import FamilyAdapter
+
+
+@dataclass
+class CompressionContext:
+    """What a method may use: the run's settings and the calibration blocks (when it needs any)."""
+
+    ratio: float
+    device: torch.device
+    calibration_ids: torch.Tensor | None = None  # (n_samples, seq_len)
+    calib_batch_size: int = 1
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class CompressionMethod:
+    """Base class: a method compresses a model in place and returns facts for the run record."""
+
+    name: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False
+    compresses: ClassVar[bool] = True  # False for the dense baseline: no target ratio applies
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    def compress(self, model: nn.Module, family: FamilyAdapter, ctx: CompressionContext) -> dict:
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[CompressionMethod]] = {}
+
+
+def register_method(name: str) -> Callable[[type[CompressionMethod]], type[CompressionMethod]]:
+    def wrap(cls: type[CompressionMethod]) -> type[CompressionMethod]:
+        if name in METHODS:
+            raise ValueError(f"method '{name}' registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_method(cfg: Any) -> CompressionMethod:
+    """Instantiate the method named by ``cfg.name`` with its config node."""
+    if cfg.name not in METHODS:
+        raise unknown_choice("method", cfg.name, list(METHODS))
+    return METHODS[cfg.name](cfg)

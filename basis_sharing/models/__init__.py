@@ -1,0 +1,1 @@
+"""Model loading, family adapters and module surgery."""

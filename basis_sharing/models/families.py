@@ -1,0 +1,182 @@
+"""Model-family adapters: where a family keeps its decoder layers and projections.
+
+Families are data, not branches (DESIGN.md principle 2): each adapter lists, per projection kind,
+its attribute path inside a decoder layer, the activation it reads, and its weight layout. Every
+other module asks the adapter instead of testing ``model_type``.
+
+Orientation (method-spec.md 1.1): a projection is y = x W with W of shape (d_in, d_out). An
+``nn.Linear`` stores W^T, GPT-2's ``Conv1D`` stores W itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from basis_sharing.errors import unknown_choice
+
+# The activations a projection can read. Projections reading the same one share calibration
+# statistics (q/k/v read the attention input, up/gate the MLP input).
+ATTN_IN, ATTN_OUT, MLP_IN, MLP_HIDDEN = "attn_in", "attn_out", "mlp_in", "mlp_hidden"
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One projection kind of a decoder layer.
+
+    Attributes:
+        kind: short name used in configs (q, k, v, o, up, gate, down; GPT-2's fused c_attn is attn).
+        path: dotted attribute path from the decoder layer to the module.
+        input: which activation it reads (one of ATTN_IN, ATTN_OUT, MLP_IN, MLP_HIDDEN).
+        layout: "linear" (weight stored (d_out, d_in)) or "conv1d" (weight stored (d_in, d_out)).
+    """
+
+    kind: str
+    path: str
+    input: str
+    layout: str = "linear"
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """Where a model family keeps its layers and projections, and the paper's sharing defaults."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layers_path: str
+    projections: tuple[Projection, ...]
+    shared: tuple[str, ...]  # kinds sharing one basis per layer group (method-spec.md 1.2)
+    private: tuple[str, ...]  # kinds with one basis per layer
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(p.kind for p in self.projections)
+
+    def projection(self, kind: str) -> Projection:
+        for p in self.projections:
+            if p.kind == kind:
+                return p
+        raise unknown_choice(f"projection kind for family {self.name}", kind, self.kinds)
+
+    def kinds_by_input(self) -> dict[str, tuple[str, ...]]:
+        """Projection kinds grouped by the activation they read, in layer order."""
+        groups: dict[str, list[str]] = {}
+        for p in self.projections:
+            groups.setdefault(p.input, []).append(p.kind)
+        return {k: tuple(v) for k, v in groups.items()}
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers of ``model``, in order."""
+        return _get_path(model, self.layers_path)
+
+    def module(self, layer: nn.Module, kind: str) -> nn.Module:
+        return _get_path(layer, self.projection(kind).path)
+
+    def set_module(self, layer: nn.Module, kind: str, new: nn.Module) -> None:
+        """Replace the projection leaf ``kind`` of ``layer`` by ``new`` (surgery at the leaf)."""
+        parent_path, _, attr = self.projection(kind).path.rpartition(".")
+        parent = _get_path(layer, parent_path) if parent_path else layer
+        setattr(parent, attr, new)
+
+    def weight(self, layer: nn.Module, kind: str) -> torch.Tensor:
+        """W of shape (d_in, d_out) for y = x W, as a view of the stored weight."""
+        module = self.module(layer, kind)
+        if self.projection(kind).layout == "conv1d":
+            return module.weight
+        return module.weight.T
+
+    def bias(self, layer: nn.Module, kind: str) -> torch.Tensor | None:
+        return getattr(self.module(layer, kind), "bias", None)
+
+    def shape(self, layer: nn.Module, kind: str) -> tuple[int, int]:
+        """(d_in, d_out) of projection ``kind``."""
+        d_in, d_out = self.weight(layer, kind).shape
+        return int(d_in), int(d_out)
+
+
+def _get_path(root: nn.Module, path: str) -> nn.Module:
+    obj = root
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+_LLAMA_PROJECTIONS = (
+    Projection("q", "self_attn.q_proj", ATTN_IN),
+    Projection("k", "self_attn.k_proj", ATTN_IN),
+    Projection("v", "self_attn.v_proj", ATTN_IN),
+    Projection("o", "self_attn.o_proj", ATTN_OUT),
+    Projection("up", "mlp.up_proj", MLP_IN),
+    Projection("gate", "mlp.gate_proj", MLP_IN),
+    Projection("down", "mlp.down_proj", MLP_HIDDEN),
+)
+
+LLAMA = FamilyAdapter(
+    name="llama",
+    model_types=("llama",),
+    layers_path="model.layers",
+    projections=_LLAMA_PROJECTIONS,
+    shared=("q", "k", "v", "up", "gate"),
+    private=("o", "down"),
+)
+
+# GQA: k/v have d_out = n_kv_heads * head_dim; the paper keeps them private.
+MISTRAL = FamilyAdapter(
+    name="mistral",
+    model_types=("mistral",),
+    layers_path="model.layers",
+    projections=_LLAMA_PROJECTIONS,
+    shared=("q", "up", "gate"),
+    private=("k", "v", "o", "down"),
+)
+
+OPT = FamilyAdapter(
+    name="opt",
+    model_types=("opt",),
+    layers_path="model.decoder.layers",
+    projections=(
+        Projection("q", "self_attn.q_proj", ATTN_IN),
+        Projection("k", "self_attn.k_proj", ATTN_IN),
+        Projection("v", "self_attn.v_proj", ATTN_IN),
+        Projection("o", "self_attn.out_proj", ATTN_OUT),
+        Projection("up", "fc1", MLP_IN),
+        Projection("down", "fc2", MLP_HIDDEN),
+    ),
+    shared=("q", "k", "v", "up"),
+    private=("o", "down"),
+)
+
+# GPT-2's released config shares W_O too, against the paper's own rule (method-spec.md 1.2, 6.4);
+# we follow the released config so Table 5 is comparable, and say so.
+GPT2 = FamilyAdapter(
+    name="gpt2",
+    model_types=("gpt2",),
+    layers_path="transformer.h",
+    projections=(
+        Projection("attn", "attn.c_attn", ATTN_IN, "conv1d"),
+        Projection("o", "attn.c_proj", ATTN_OUT, "conv1d"),
+        Projection("up", "mlp.c_fc", MLP_IN, "conv1d"),
+        Projection("down", "mlp.c_proj", MLP_HIDDEN, "conv1d"),
+    ),
+    shared=("attn", "up", "o"),
+    private=("down",),
+)
+
+FAMILIES: dict[str, FamilyAdapter] = {f.name: f for f in (LLAMA, MISTRAL, OPT, GPT2)}
+
+
+def get_family(name: str) -> FamilyAdapter:
+    if name not in FAMILIES:
+        raise unknown_choice("model family", name, list(FAMILIES))
+    return FAMILIES[name]
+
+
+def family_for_model_type(model_type: str) -> FamilyAdapter:
+    """The adapter for a transformers ``config.model_type``."""
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    supported = [t for f in FAMILIES.values() for t in f.model_types]
+    raise unknown_choice("model_type (no family adapter)", model_type, supported)

@@ -1,0 +1,138 @@
+"""Load a causal LM and its tokenizer from a local directory, an embedded GGUF package or the hub.
+
+Sources, first match wins (see ``ModelConfig``):
+- ``local_path``: a directory written by ``save_pretrained`` (or a hub snapshot copied by hand);
+- ``gguf_package``: a GGUF file inside an installed Python package, dequantised once by
+  transformers and cached as safetensors under ``<cache_dir>/models`` (see ``gguf_cache``);
+- ``hf_id``: a hub repository, pinned by ``revision``; used from the local HF cache when it is
+  there, downloaded otherwise, and a clear error when neither works.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from basis_sharing.config import TORCH_DTYPES
+from basis_sharing.errors import ConfigError, HubUnreachableError
+from basis_sharing.hub import hub_available
+from basis_sharing.models.families import FamilyAdapter, family_for_model_type, get_family
+from basis_sharing.models.gguf_cache import embedded_gguf_path, ensure_converted
+
+log = logging.getLogger(__name__)
+
+# Weight formats a snapshot download skips: one format of the weights is enough.
+_SKIP_ALWAYS = ["*.msgpack", "*.h5", "*.ot", "*.onnx", "*.tflite", "*.gguf", "original/*"]
+
+
+@dataclass
+class ModelSource:
+    """A directory from_pretrained can read, and where it came from (for the run record)."""
+
+    path: Path
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in TORCH_DTYPES:
+        raise ConfigError(f"Unknown model.dtype '{name}'. Valid choices: {', '.join(TORCH_DTYPES)}.")
+    return getattr(torch, name)
+
+
+def resolve_source(model_cfg, cache_dir: str | Path, offline: bool = False) -> ModelSource:
+    """Find (and if needed convert or download) the model directory; no weights are loaded."""
+    if model_cfg.local_path:
+        path = Path(model_cfg.local_path).expanduser()
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model.local_path={path} is not a model directory (no config.json). Point it at "
+                "a directory written by save_pretrained or downloaded from the hub."
+            )
+        return ModelSource(path, {"source": "local", "path": str(path.resolve())})
+    if model_cfg.gguf_package:
+        gguf = embedded_gguf_path(model_cfg.gguf_package, model_cfg.gguf_file)
+        path, info = ensure_converted(gguf, model_cfg.dtype, Path(cache_dir).expanduser())
+        return ModelSource(path, {"source": "gguf-package", "package": model_cfg.gguf_package, **info})
+    if model_cfg.hf_id:
+        path = hub_snapshot(model_cfg.hf_id, model_cfg.revision, model_cfg.name, offline)
+        return ModelSource(
+            path,
+            {"source": "hub", "hf_id": model_cfg.hf_id, "revision": model_cfg.revision,
+             "commit": path.name},
+        )
+    raise ConfigError(
+        f"model '{model_cfg.name}' names no source: set model.local_path, model.gguf_package "
+        "or model.hf_id."
+    )
+
+
+def hub_snapshot(hf_id: str, revision: str | None, name: str, offline: bool) -> Path:
+    """Local snapshot directory of a hub repository, downloading it only when needed."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(hf_id, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        pass
+    if not hub_available(offline):
+        raise HubUnreachableError(
+            f"Model '{name}' ({hf_id}, revision {revision or 'main'}) is not in the local "
+            "Hugging Face cache and the hub is unreachable (no network, HF_HUB_OFFLINE=1 or "
+            f"offline=true). Point at a local copy instead:\n"
+            f"    python run.py model={name} model.local_path=/path/to/{hf_id.split('/')[-1]}\n"
+            "where the directory holds config.json, the weights and the tokenizer files (e.g. "
+            f"from `hf download {hf_id} --local-dir /path/to/{hf_id.split('/')[-1]}` on a "
+            "connected machine), or set HF_HOME to a Hugging Face cache that has it."
+        )
+    files = HfApi().list_repo_files(hf_id, revision=revision)
+    skip = list(_SKIP_ALWAYS)
+    if any(f.endswith(".safetensors") for f in files):
+        skip += ["*.bin", "*.pt", "*.pth"]
+    log.info("Downloading %s (revision %s) from the Hugging Face hub", hf_id, revision or "main")
+    return Path(snapshot_download(hf_id, revision=revision, ignore_patterns=skip))
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source.path)
+
+
+def load_model(
+    model_cfg, source: ModelSource, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, FamilyAdapter]:
+    """Load weights in ``model_cfg.dtype``, in eval mode, on ``device``, with its family adapter."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch_dtype(model_cfg.dtype)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+    model.eval().to(device)
+    family = (
+        get_family(model_cfg.family)
+        if model_cfg.family
+        else family_for_model_type(model.config.model_type)
+    )
+    check_context_length(model.config, model_cfg.context_length, model_cfg.name)
+    return model, family
+
+
+def max_positions(hf_config) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(hf_config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_context_length(hf_config, context_length: int, name: str) -> None:
+    limit = max_positions(hf_config)
+    if limit is not None and context_length > limit:
+        raise ConfigError(
+            f"model.context_length={context_length} exceeds what model '{name}' supports "
+            f"({limit} positions). Set model.context_length<={limit}."
+        )

@@ -1,0 +1,232 @@
+"""The one pipeline every run goes through.
+
+    validate -> data -> model source + tokenizer -> tokenize (+ calibration blocks) -> load model
+    -> compress (the method; dense does nothing) -> parameter accounting -> perplexity -> record
+
+Everything that can be wrong with the input is checked before the model is loaded. Each stage's
+wall time and peak memory, and every result, go to ``results.json`` as soon as they exist.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from basis_sharing.data.calibration import sample_calibration_blocks
+from basis_sharing.data.corpora import Corpus, get_corpus_spec, load_corpus, split_source
+from basis_sharing.data.tokens import token_hash, tokenize_text
+from basis_sharing.errors import ConfigError, UserError, unknown_choice
+from basis_sharing.evaluation.params import dense_projection_weights, parameter_report
+from basis_sharing.evaluation.perplexity import PPL_SPLITS, perplexity
+from basis_sharing.methods import get_method
+from basis_sharing.methods.registry import CompressionContext, CompressionMethod
+from basis_sharing.models.families import get_family
+from basis_sharing.models.loading import load_model, load_tokenizer, resolve_source, torch_dtype
+from basis_sharing.tracking.record import RunRecord, summary_table
+
+log = logging.getLogger(__name__)
+
+RATIO_TOLERANCE = 0.005  # achieved vs target compression of the decoder projections
+
+
+@dataclass
+class Plan:
+    """What validation resolved: the method object and the device."""
+
+    method: CompressionMethod
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"Unknown device '{name}'. Use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} was requested but CUDA is not available here.")
+    return device
+
+
+def validate(cfg: DictConfig) -> Plan:
+    """Check every setting that can be checked without data or weights."""
+    if not 0.0 < cfg.ratio < 1.0:
+        raise ConfigError(
+            f"ratio={cfg.ratio} is outside (0, 1): it is the fraction of decoder-projection "
+            "weights removed, e.g. ratio=0.2 keeps 80%."
+        )
+    method = get_method(cfg.method)
+    for name in cfg.eval.ppl_datasets:
+        if name not in PPL_SPLITS:
+            raise unknown_choice("perplexity dataset (eval.ppl_datasets)", name, list(PPL_SPLITS))
+    if cfg.eval.max_windows is not None and cfg.eval.max_windows < 1:
+        raise ConfigError(f"eval.max_windows={cfg.eval.max_windows} must be >= 1 or null.")
+    for key in ("eval.batch_size", "model.eval_batch_size", "model.calib_batch_size"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1.")
+    if cfg.model.context_length < 2:
+        raise ConfigError(f"model.context_length={cfg.model.context_length} must be >= 2.")
+    torch_dtype(cfg.model.dtype)
+    if cfg.model.family is not None:
+        get_family(cfg.model.family)
+    if method.needs_calibration:
+        if cfg.calibration.dataset is None:
+            raise ConfigError(
+                f"method {cfg.method.name} needs calibration data but calibration=none; "
+                "choose e.g. calibration=wikitext2."
+            )
+        get_corpus_spec(cfg.calibration.dataset)
+        split_source(cfg.calibration.dataset, cfg.calibration.split)
+    return Plan(method=method, device=resolve_device(cfg.device))
+
+
+def load_corpora(cfg: DictConfig, plan: Plan) -> tuple[dict[str, Corpus], Corpus | None]:
+    data_dir, offline = cfg.paths.data_dir, cfg.offline
+    evals = {
+        name: load_corpus(name, PPL_SPLITS[name][0], data_dir, offline)
+        for name in cfg.eval.ppl_datasets
+    }
+    calib = None
+    if plan.method.needs_calibration:
+        calib = load_corpus(cfg.calibration.dataset, cfg.calibration.split, data_dir, offline)
+    return evals, calib
+
+
+def tokenize_corpora(
+    cfg: DictConfig, tokenizer, evals: dict[str, Corpus], calib: Corpus | None, record: RunRecord
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Eval ids per dataset, and the calibration blocks; hashes and sizes go to the record."""
+    eval_ids = {
+        name: tokenize_text(tokenizer, corpus.text(max_rows=PPL_SPLITS[name][1]))
+        for name, corpus in evals.items()
+    }
+    record["hashes"]["eval"] = {name: token_hash(ids) for name, ids in eval_ids.items()}
+    calib_ids = None
+    if calib is not None:
+        c = cfg.calibration
+        calib_ids = sample_calibration_blocks(
+            tokenize_text(tokenizer, calib.text()), c.n_samples, c.seq_len, c.seed,
+            source=f"{c.dataset}/{c.split}",
+        )
+        record["hashes"]["calibration"] = token_hash(calib_ids)
+        save_calibration_ids(calib_ids, record.out_dir)
+    return eval_ids, calib_ids
+
+
+def save_calibration_ids(ids: torch.Tensor, out_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"input_ids": ids.contiguous()}, out_dir / "calibration_ids.safetensors")
+
+
+def check_ratio(report: dict, target: float) -> None:
+    achieved = report["achieved_ratio"]
+    if abs(achieved - target) > RATIO_TOLERANCE:
+        raise UserError(
+            f"Achieved compression of the decoder projections is {achieved:.4f}, which misses the "
+            f"target ratio {target} by more than {RATIO_TOLERANCE * 100:.1f} percentage points."
+        )
+
+
+def execute(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
+    """The stages after validation; every result lands in ``record``."""
+    with record.stage("data"):
+        evals, calib = load_corpora(cfg, plan)
+        record["data"]["eval"] = {n: c.provenance() for n, c in evals.items()}
+        record["data"]["calibration"] = calib.provenance() if calib else None
+    with record.stage("model_source"):
+        source = resolve_source(cfg.model, cfg.paths.cache_dir, cfg.offline)
+        tokenizer = load_tokenizer(source)
+        record["model"].update(source.provenance)
+    with record.stage("tokenize"):
+        eval_ids, calib_ids = tokenize_corpora(cfg, tokenizer, evals, calib, record)
+    with record.stage("load_model", plan.device):
+        model, family = load_model(cfg.model, source, plan.device)
+        record["model"]["family"] = family.name
+        dense = dense_projection_weights(model, family)
+    with record.stage("compress", plan.device):
+        ctx = CompressionContext(
+            ratio=cfg.ratio, device=plan.device, calibration_ids=calib_ids,
+            calib_batch_size=cfg.model.calib_batch_size,
+        )
+        record["method_info"] = plan.method.compress(model, family, ctx)
+    record["params"] = parameter_report(model, family, dense)
+    if plan.method.compresses:
+        check_ratio(record["params"], cfg.ratio)
+    batch_size = cfg.eval.batch_size or cfg.model.eval_batch_size
+    results = record["metrics"].setdefault("perplexity", {})
+    with record.stage("perplexity", plan.device):
+        for name, ids in eval_ids.items():
+            result = perplexity(
+                model, ids, cfg.model.context_length, dataset=name, batch_size=batch_size,
+                max_windows=cfg.eval.max_windows,
+            )
+            results[name] = result.as_dict()
+            log.info("%s perplexity %.4f (%d/%d windows)", name, result.ppl,
+                     result.n_windows_evaluated, result.n_windows)
+            record.write()
+
+
+def hydra_context() -> dict[str, Any]:
+    """Output dir, overrides and group choices of the current Hydra job (if any)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    hc = HydraConfig.get()
+    choices = {
+        k: v for k, v in hc.runtime.choices.items() if not k.startswith(("hydra/", "schema"))
+    }
+    return {
+        "out_dir": hc.runtime.output_dir,
+        "overrides": list(hc.overrides.task),
+        "choices": choices,
+    }
+
+
+def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run one job and return its record (also written to ``<out_dir>/results.json``)."""
+    hydra = hydra_context()
+    out_dir = Path(out_dir or hydra.get("out_dir") or ".")
+    plan = validate(cfg)
+    torch.manual_seed(cfg.seed)
+    record = RunRecord(
+        out_dir,
+        OmegaConf.to_container(cfg, resolve=True),
+        method=cfg.method.name,
+        target_ratio=float(cfg.ratio) if plan.method.compresses else None,
+        seed=cfg.seed,
+        device=str(plan.device),
+        overrides=hydra.get("overrides", []),
+        choices=hydra.get("choices", {}),
+    )
+    record["model"].update(
+        name=cfg.model.name, hf_id=cfg.model.hf_id, revision=cfg.model.revision,
+        dtype=cfg.model.dtype, context_length=cfg.model.context_length,
+    )
+    record.write()
+    try:
+        execute(cfg, plan, record)
+    except BaseException as exc:
+        record.fail(exc)
+        raise
+    record.finish()
+    log.info("Run summary (%s)\n%s", record.path, summary_table(record.data))
+    return record.data
+
+
+def main(cfg: DictConfig) -> None:
+    """Hydra entry: user errors end the process with their message instead of a traceback."""
+    try:
+        run(cfg)
+    except UserError as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None

@@ -1,0 +1,1 @@
+"""Run records (results.json) and, later, experiment trackers."""

@@ -1,0 +1,126 @@
+"""The run record: ``results.json`` in the run's output directory.
+
+It is written when the run starts (status "running"), after every stage, and at the end
+("completed" or "failed" with the error), atomically each time, so an interrupted or failed run still
+leaves everything it computed. Tables and plots are built only from these files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from basis_sharing.tracking.environment import environment
+from basis_sharing.tracking.resources import measure
+
+SCHEMA_VERSION = 1
+RESULTS_FILE = "results.json"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class RunRecord:
+    """Accumulates a run's record and keeps ``<out_dir>/results.json`` up to date."""
+
+    def __init__(self, out_dir: str | Path, config: dict[str, Any], **fields: Any) -> None:
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / RESULTS_FILE
+        self.data: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "status": "running",
+            "started_at": _now(),
+            "finished_at": None,
+            "run_dir": str(self.out_dir.resolve()),
+            **fields,
+            "config": config,
+            "model": {},
+            "data": {},
+            "hashes": {"eval": {}, "calibration": None},
+            "params": {},
+            "metrics": {},
+            "stages": {},
+            "environment": environment(),
+            "error": None,
+        }
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.data[key] = value
+
+    @contextmanager
+    def stage(self, name: str, device=None) -> Iterator[dict]:
+        """Time a pipeline stage and record its wall time and peak memory."""
+        stats: dict[str, Any] = {}
+        self.data["stages"][name] = stats
+        with measure(stats, device):
+            yield stats
+        self.write()
+
+    def finish(self) -> Path:
+        self.data["status"] = "completed"
+        self.data["finished_at"] = _now()
+        return self.write()
+
+    def fail(self, exc: BaseException) -> Path:
+        self.data["status"] = "failed"
+        self.data["finished_at"] = _now()
+        self.data["error"] = {"type": type(exc).__name__, "message": str(exc)}
+        return self.write()
+
+    def write(self) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{RESULTS_FILE}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        os.replace(tmp, self.path)
+        return self.path
+
+
+def load_record(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def _fmt_ppl(value: float) -> str:
+    return f"{value:.2f}" if value < 1e4 else f"{value:.3g}"
+
+
+def summary_table(data: dict[str, Any]) -> str:
+    """A short plain-text summary of a run record (printed at the end of every run)."""
+    params = data.get("params", {})
+    ratio = data.get("target_ratio")
+    lines = [
+        f"model {data.get('model', {}).get('name')} | method {data.get('method')} | "
+        f"target ratio {'-' if ratio is None else ratio} | status {data.get('status')}",
+    ]
+    if params:
+        lines.append(
+            f"params: total {params['total']:,} | decoder projections "
+            f"{params['decoder_projections']:,} (achieved ratio {params['achieved_ratio']:.4f})"
+        )
+    ppl = data.get("metrics", {}).get("perplexity", {})
+    if ppl:
+        lines.append(f"{'dataset':<11}{'ppl':>10}{'windows':>12}{'tokens':>10}  note")
+        for name, r in ppl.items():
+            note = "truncated (max_windows)" if r["truncated"] else "full protocol"
+            windows = f"{r['n_windows_evaluated']}/{r['n_windows']}"
+            lines.append(
+                f"{name:<11}{_fmt_ppl(r['ppl']):>10}{windows:>12}{r['n_tokens']:>10}  {note}"
+            )
+    stages = data.get("stages", {})
+    if stages:
+        lines.append(f"{'stage':<14}{'wall s':>9}{'peak RSS MB':>13}{'CUDA peak MB':>14}")
+        for name, s in stages.items():
+            cuda = s.get("cuda_peak_mb")
+            lines.append(
+                f"{name:<14}{s.get('wall_s', float('nan')):>9.2f}"
+                f"{s.get('peak_rss_mb', float('nan')):>13.1f}{'-' if cuda is None else cuda:>14}"
+            )
+    return "\n".join(lines)
