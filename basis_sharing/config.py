@@ -1,7 +1,7 @@
 """Structured-config schemas for every Hydra config group.
 
-The schemas are registered in Hydra's ConfigStore so that a typo'd key or a wrongly typed value fails
-when the config is composed, before any model or data is touched. Groups whose options carry
+The schemas are registered in Hydra's ConfigStore so that a typo'd key or a wrongly typed value
+fails when the config is composed, before any model or data is touched. Groups whose options carry
 different fields (method, finetune, logger) get one schema per option under ``schema/<group>/``;
 each option's YAML lists it first in its defaults.
 """
@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from basis_sharing.errors import ConfigError
 
 TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -116,6 +119,24 @@ OPTION_SCHEMAS: dict[str, dict[str, type]] = {
     "finetune": {"none": NoFinetuneConfig},
     "logger": {"none": NoLoggerConfig},
 }
+
+
+def check_schema(cfg: DictConfig) -> None:
+    """Re-check a composed config against the schemas.
+
+    Hydra's ``+key=value`` appends bypass the structured-config check, so a typo such as
+    ``+eval.max_windowz=3`` would otherwise be silently ignored.
+    """
+    # Plain containers: a composed node keeps its schema but not the struct flag on appended keys.
+    plain = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"}
+    try:
+        OmegaConf.merge(OmegaConf.structured(Config), plain)
+        for group, options in OPTION_SCHEMAS.items():
+            node = plain[group]
+            if node.get("name") in options:
+                OmegaConf.merge(OmegaConf.structured(options[node["name"]]), node)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"Invalid configuration: {exc}") from None
 
 
 def register_configs() -> None:

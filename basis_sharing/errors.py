@@ -12,7 +12,7 @@ class UserError(Exception):
 
 
 class ConfigError(UserError):
-    """A configuration value is invalid (unknown name, value out of range, inconsistent settings)."""
+    """A configuration value is invalid: unknown name, out-of-range value, inconsistent settings."""
 
 
 class DataNotFoundError(UserError):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from basis_sharing.config import check_schema
 from basis_sharing.data.calibration import sample_calibration_blocks
 from basis_sharing.data.corpora import Corpus, get_corpus_spec, load_corpus, split_source
 from basis_sharing.data.tokens import token_hash, tokenize_text
@@ -56,6 +57,7 @@ def resolve_device(name: str) -> torch.device:
 
 def validate(cfg: DictConfig) -> Plan:
     """Check every setting that can be checked without data or weights."""
+    check_schema(cfg)
     if not 0.0 < cfg.ratio < 1.0:
         raise ConfigError(
             f"ratio={cfg.ratio} is outside (0, 1): it is the fraction of decoder-projection "
@@ -112,7 +114,10 @@ def tokenize_corpora(
     if calib is not None:
         c = cfg.calibration
         calib_ids = sample_calibration_blocks(
-            tokenize_text(tokenizer, calib.text()), c.n_samples, c.seq_len, c.seed,
+            tokenize_text(tokenizer, calib.text()),
+            c.n_samples,
+            c.seq_len,
+            c.seed,
             source=f"{c.dataset}/{c.split}",
         )
         record["hashes"]["calibration"] = token_hash(calib_ids)
@@ -154,7 +159,9 @@ def execute(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
         dense = dense_projection_weights(model, family)
     with record.stage("compress", plan.device):
         ctx = CompressionContext(
-            ratio=cfg.ratio, device=plan.device, calibration_ids=calib_ids,
+            ratio=cfg.ratio,
+            device=plan.device,
+            calibration_ids=calib_ids,
             calib_batch_size=cfg.model.calib_batch_size,
         )
         record["method_info"] = plan.method.compress(model, family, ctx)
@@ -166,12 +173,21 @@ def execute(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
     with record.stage("perplexity", plan.device):
         for name, ids in eval_ids.items():
             result = perplexity(
-                model, ids, cfg.model.context_length, dataset=name, batch_size=batch_size,
+                model,
+                ids,
+                cfg.model.context_length,
+                dataset=name,
+                batch_size=batch_size,
                 max_windows=cfg.eval.max_windows,
             )
             results[name] = result.as_dict()
-            log.info("%s perplexity %.4f (%d/%d windows)", name, result.ppl,
-                     result.n_windows_evaluated, result.n_windows)
+            log.info(
+                "%s perplexity %.4f (%d/%d windows)",
+                name,
+                result.ppl,
+                result.n_windows_evaluated,
+                result.n_windows,
+            )
             record.write()
 
 
@@ -209,8 +225,11 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
         choices=hydra.get("choices", {}),
     )
     record["model"].update(
-        name=cfg.model.name, hf_id=cfg.model.hf_id, revision=cfg.model.revision,
-        dtype=cfg.model.dtype, context_length=cfg.model.context_length,
+        name=cfg.model.name,
+        hf_id=cfg.model.hf_id,
+        revision=cfg.model.revision,
+        dtype=cfg.model.dtype,
+        context_length=cfg.model.context_length,
     )
     record.write()
     try:

@@ -187,7 +187,12 @@ class Corpus:
         return join.join(rows)
 
     def provenance(self) -> dict[str, Any]:
-        return {"dataset": self.name, "split": self.split, "rows": len(self.rows), "source": self.source}
+        return {
+            "dataset": self.name,
+            "split": self.split,
+            "rows": len(self.rows),
+            "source": self.source,
+        }
 
 
 def get_corpus_spec(name: str) -> CorpusSpec:
@@ -232,12 +237,14 @@ def load_corpus(name: str, split: str, data_dir: str | Path, offline: bool = Fal
             "the Hugging Face hub is unreachable (or offline=true), so it cannot be downloaded. "
             + PREPARE_HINT.format(data_dir=data_dir)
         )
-    return Corpus(name, split, load_hub_rows(spec, source), hub_label(spec))
+    return Corpus(name, split, load_hub_rows(spec, source), hub_label(spec, source))
 
 
-def hub_label(spec: CorpusSpec) -> str:
+def hub_label(spec: CorpusSpec, source: SplitSource) -> str:
+    """e.g. ``hub:wikitext/wikitext-2-raw-v1@main`` or ``hub:allenai/c4@main:en/c4-...json.gz``."""
     name = f"/{spec.hub_name}" if spec.hub_name else ""
-    return f"hub:{spec.hub_path}{name}@{spec.hub_revision or 'main'}"
+    files = f":{source.hub_data_files}" if source.hub_data_files else ""
+    return f"hub:{spec.hub_path}{name}@{spec.hub_revision or 'main'}{files}"
 
 
 def load_hub_rows(spec: CorpusSpec, source: SplitSource) -> list[str]:

@@ -61,8 +61,13 @@ def _batches(bounds: list[tuple[int, int]], batch_size: int) -> list[list[tuple[
     return batches
 
 
-def window_nlls(model, ids: torch.Tensor, bounds: list[tuple[int, int]], batch_size: int = 1,
-                desc: str = "perplexity") -> torch.Tensor:
+def window_nlls(
+    model,
+    ids: torch.Tensor,
+    bounds: list[tuple[int, int]],
+    batch_size: int = 1,
+    desc: str = "perplexity",
+) -> torch.Tensor:
     """Mean next-token NLL of each window, in float64.
 
     Args:
@@ -80,7 +85,9 @@ def window_nlls(model, ids: torch.Tensor, bounds: list[tuple[int, int]], batch_s
     with torch.inference_mode():
         for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
             x = torch.stack([ids[s:e] for s, e in batch]).to(device)
-            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+            logits = model(input_ids=x, use_cache=False).logits[:, :-1]
+            if logits.dtype != torch.float64:  # half-precision logits are scored in fp32
+                logits = logits.float()
             nll = F.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none"
             ).view(len(batch), -1)
@@ -88,8 +95,24 @@ def window_nlls(model, ids: torch.Tensor, bounds: list[tuple[int, int]], batch_s
     return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
 
 
-def perplexity(model, ids: torch.Tensor, context_length: int, dataset: str = "",
-               batch_size: int = 1, max_windows: int | None = None) -> PerplexityResult:
+def _exp(mean_nll: float) -> float:
+    """exp(mean NLL); NaN stays NaN, overflow is inf (a broken model must not look fine)."""
+    if math.isnan(mean_nll):
+        return float("nan")
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return float("inf")
+
+
+def perplexity(
+    model,
+    ids: torch.Tensor,
+    context_length: int,
+    dataset: str = "",
+    batch_size: int = 1,
+    max_windows: int | None = None,
+) -> PerplexityResult:
     """Paper-protocol perplexity of ``model`` on the token ids of one joined split.
 
     Args:
@@ -104,7 +127,7 @@ def perplexity(model, ids: torch.Tensor, context_length: int, dataset: str = "",
     mean_nll = float(nlls.mean()) if len(nlls) else float("nan")
     return PerplexityResult(
         dataset=dataset,
-        ppl=math.exp(mean_nll) if math.isfinite(mean_nll) else float("inf"),
+        ppl=_exp(mean_nll),
         mean_nll=mean_nll,
         context_length=context_length,
         n_tokens=int(ids.numel()),

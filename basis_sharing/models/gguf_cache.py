@@ -1,11 +1,11 @@
 """The embedded model: a GGUF file shipped in a Python package, dequantised once and cached.
 
 transformers dequantises GGUF tensors at every load (about 20 s for SmolLM2-135M on 2 cores) and
-refuses to ``save_pretrained`` the result, so the first load writes config, safetensors weights and
-tokenizer to ``<cache_dir>/models/<stem>-<dtype>-<key>/`` with a manifest of sha256 sums. Later loads
-verify the manifest and read the safetensors (a few seconds). The key hashes the GGUF file, the
-dtype and the transformers version, so a different file or converter never reuses a stale copy; a
-damaged or incomplete cache entry is detected and converted again.
+refuses to ``save_pretrained`` the result, so the first load writes config, safetensors weights
+and tokenizer to ``<cache_dir>/models/<stem>-<dtype>-<key>/`` with a manifest of sha256 sums.
+Later loads verify the manifest and read the safetensors (a few seconds). The key hashes the GGUF
+file, the dtype and the transformers version, so a different file or converter never reuses a
+stale copy; a damaged or incomplete cache entry is detected and converted again.
 """
 
 from __future__ import annotations
@@ -86,6 +86,16 @@ def verify_entry(path: Path) -> str | None:
     return None
 
 
+def write_manifest(path: Path, source: str) -> None:
+    """Record size and sha256 of every file in the entry, so damage is detected on load."""
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(path.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    (path / MANIFEST).write_text(json.dumps({"source": source, "files": files}, indent=1))
+
+
 def ensure_converted(gguf: Path, dtype: str, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Directory holding the converted model, converting (again) when needed.
 
@@ -98,7 +108,9 @@ def ensure_converted(gguf: Path, dtype: str, cache_dir: Path) -> tuple[Path, dic
         if problem is None:
             log.info("Embedded model from cache %s", target)
             return target, {**info, "cache": str(target), "cache_hit": True}
-        log.warning("Cached model %s is unusable (%s); converting the GGUF file again", target, problem)
+        log.warning(
+            "Cached model %s is unusable (%s); converting the GGUF file again", target, problem
+        )
         shutil.rmtree(target)
     convert_gguf(gguf, dtype, target)
     return target, {**info, "cache": str(target), "cache_hit": False}
@@ -125,12 +137,7 @@ def convert_gguf(gguf: Path, dtype: str, target: Path) -> None:
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        files = {
-            p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-            for p in sorted(tmp.iterdir())
-            if p.is_file()
-        }
-        (tmp / MANIFEST).write_text(json.dumps({"source": str(gguf), "files": files}, indent=1))
+        write_manifest(tmp, source=str(gguf))
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, target)
     finally:

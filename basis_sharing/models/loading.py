@@ -39,7 +39,9 @@ class ModelSource:
 
 def torch_dtype(name: str) -> torch.dtype:
     if name not in TORCH_DTYPES:
-        raise ConfigError(f"Unknown model.dtype '{name}'. Valid choices: {', '.join(TORCH_DTYPES)}.")
+        raise ConfigError(
+            f"Unknown model.dtype '{name}'. Valid choices: {', '.join(TORCH_DTYPES)}."
+        )
     return getattr(torch, name)
 
 
@@ -56,13 +58,19 @@ def resolve_source(model_cfg, cache_dir: str | Path, offline: bool = False) -> M
     if model_cfg.gguf_package:
         gguf = embedded_gguf_path(model_cfg.gguf_package, model_cfg.gguf_file)
         path, info = ensure_converted(gguf, model_cfg.dtype, Path(cache_dir).expanduser())
-        return ModelSource(path, {"source": "gguf-package", "package": model_cfg.gguf_package, **info})
+        return ModelSource(
+            path, {"source": "gguf-package", "package": model_cfg.gguf_package, **info}
+        )
     if model_cfg.hf_id:
         path = hub_snapshot(model_cfg.hf_id, model_cfg.revision, model_cfg.name, offline)
         return ModelSource(
             path,
-            {"source": "hub", "hf_id": model_cfg.hf_id, "revision": model_cfg.revision,
-             "commit": path.name},
+            {
+                "source": "hub",
+                "hf_id": model_cfg.hf_id,
+                "revision": model_cfg.revision,
+                "commit": path.name,
+            },
         )
     raise ConfigError(
         f"model '{model_cfg.name}' names no source: set model.local_path, model.gguf_package "

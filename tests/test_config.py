@@ -1,0 +1,126 @@
+"""Every option of every config group composes; typos and wrong types fail at compose time."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
+
+from basis_sharing.config import check_schema
+from basis_sharing.errors import ConfigError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ["model", "method", "calibration", "finetune", "eval", "logger"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def hydra_dir():
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        yield
+    GlobalHydra.instance().clear()
+
+
+def make(*overrides: str, hydra: bool = False):
+    return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g in GROUPS for o in options(g)], ids=lambda v: str(v)
+)
+def test_every_option_composes(group, option):
+    extra = ["model.local_path=/tmp/x"] if option == "local" else []
+    cfg = make(f"{group}={option}", *extra)
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    if group in ("method", "finetune", "logger"):
+        assert resolved[group]["name"] == option
+    if group == "model":
+        assert resolved["model"]["name"] == option
+
+
+def test_every_paper_model_is_configured():
+    assert {
+        "llama7b",
+        "llama13b",
+        "llama30b",
+        "llama2_7b",
+        "mistral7b",
+        "opt6.7b",
+        "gpt2",
+        "smollm2_135m",
+    } <= set(options("model"))
+    for name in options("model"):
+        cfg = make(f"model={name}", "model.local_path=/tmp/x")
+        assert cfg.model.context_length == (1024 if name == "gpt2" else 2048)
+        if name not in ("local", "smollm2_135m"):
+            assert cfg.model.hf_id and cfg.model.family
+
+
+def test_defaults_are_the_embedded_model_with_cpu_sized_settings():
+    cfg = make()
+    assert cfg.model.name == "smollm2_135m" and cfg.method.name == "dense"
+    assert cfg.eval.max_windows == 4 and cfg.calibration.split == "validation"
+    paper = make("model=llama7b")
+    assert paper.eval.max_windows is None
+    assert (paper.calibration.split, paper.calibration.n_samples) == ("train", 256)
+    assert paper.calibration.seq_len == 2048 and paper.calibration.seed == 2023
+    # An explicit choice on the command line beats the model's default.
+    assert make("eval=paper").eval.max_windows is None
+
+
+def test_typo_in_a_config_file_fails_at_compose_time(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    text = (conf / "model" / "gpt2.yaml").read_text()
+    (conf / "model" / "gpt2.yaml").write_text(text.replace("context_length:", "context_lenght:"))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
+        with pytest.raises(ConfigCompositionException) as err:
+            compose("config", overrides=["model=gpt2"])
+    assert "Key 'context_lenght' not in 'ModelConfig'" in str(err.value)
+
+
+def test_typo_in_an_override_fails_before_any_work():
+    with pytest.raises(ConfigCompositionException):
+        make("eval.max_windowz=3")
+    with pytest.raises(ConfigCompositionException):
+        make("method.group_size=2")  # dense has no group_size
+    # `+key=value` appends bypass Hydra's check; the pipeline's schema check catches them.
+    cfg = make("+eval.max_windowz=3")
+    with pytest.raises(ConfigError, match="max_windowz"):
+        check_schema(cfg)
+    with pytest.raises(ConfigError, match="group_size"):
+        check_schema(make("+method.group_size=2"))
+    check_schema(make("model=gpt2"))
+
+
+def test_wrong_type_fails_at_compose_time():
+    with pytest.raises(ConfigCompositionException) as err:
+        make("ratio=abc")
+    assert isinstance(err.value.__cause__, ValidationError)
+    with pytest.raises(ConfigCompositionException):
+        make("model.context_length=long")
+
+
+def test_unknown_model_lists_the_valid_choices():
+    with pytest.raises(MissingConfigException) as err:
+        make("model=llama70b")
+    message = str(err.value)
+    assert "llama70b" in message
+    for name in options("model"):
+        assert name in message
+
+
+def test_sweep_subdirectories_are_named_by_overrides():
+    cfg = make("ratio=0.3", "seed=1", "paths.data_dir=/abs/mirror", hydra=True)
+    # Paths (which would nest directories) are left out of the name; swept values are in it.
+    assert cfg.hydra.sweep.subdir == "ratio=0.3,seed=1"

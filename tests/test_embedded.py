@@ -1,0 +1,53 @@
+"""The real embedded model (SmolLM2-135M-Instruct) on the real mirror text, small settings."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+import basis_sharing.config  # noqa: F401
+from basis_sharing import pipeline
+from basis_sharing.data.corpora import load_corpus
+from basis_sharing.data.tokens import tokenize_text
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.mark.slow
+def test_dense_smollm2_on_real_text(embedded_cache, shared_assets, tmp_path):
+    _, cache, model_dir, _ = embedded_cache
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(
+            "config",
+            overrides=[
+                f"paths.data_dir={shared_assets}",
+                f"paths.cache_dir={cache}",
+                "model.context_length=128",
+                "eval.max_windows=2",
+            ],
+        )
+    GlobalHydra.instance().clear()
+    record = pipeline.run(cfg, out_dir=tmp_path)
+    assert record["status"] == "completed" and (tmp_path / "results.json").is_file()
+    assert record["model"]["source"] == "gguf-package" and record["model"]["cache_hit"]
+    assert record["model"]["family"] == "llama"
+    # SmolLM2-135M: 30 layers, hidden 576, 3 KV heads of 64, MLP 1536; tied embeddings.
+    per_layer = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536
+    assert record["params"]["decoder_projections"] == 30 * per_layer == 106_168_320
+    assert record["params"]["total"] == 134_515_008
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    wiki = tokenize_text(tokenizer, load_corpus("wikitext2", "test", shared_assets).text())
+    ppl = record["metrics"]["perplexity"]
+    assert ppl["wikitext2"]["n_tokens"] == wiki.numel()
+    assert ppl["wikitext2"]["n_windows"] == math.ceil(wiki.numel() / 128)
+    for name in ("wikitext2", "ptb", "c4"):
+        # A real 135M model on real text: far better than chance (vocab 49152), not perfect.
+        assert 2.0 < ppl[name]["ppl"] < 300.0, (name, ppl[name])
+        assert ppl[name]["truncated"] and ppl[name]["n_windows_evaluated"] == 2

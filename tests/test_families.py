@@ -1,0 +1,126 @@
+"""Family adapters, checked against tiny in-code models of every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from torch import nn
+
+from basis_sharing.errors import ConfigError
+from basis_sharing.models.families import (
+    ATTN_IN,
+    ATTN_OUT,
+    FAMILIES,
+    MLP_HIDDEN,
+    MLP_IN,
+    family_for_model_type,
+    get_family,
+)
+
+ALL = ["llama", "mistral", "opt", "gpt2"]
+
+
+@pytest.fixture(scope="module", params=ALL)
+def model_and_family(request):
+    model = make_tiny_model(request.param, dtype=torch.float64)
+    return model, family_for_model_type(model.config.model_type)
+
+
+def test_family_is_found_by_model_type(model_and_family):
+    model, family = model_and_family
+    assert family.name == model.config.model_type
+    assert len(family.layers(model)) == model.config.num_hidden_layers
+
+
+def test_weight_orientation_is_y_equals_x_w(model_and_family):
+    """family.weight gives W (d_in, d_out) with module(x) == x W + b for every projection."""
+    model, family = model_and_family
+    x_by_input = {}
+    for layer in family.layers(model):
+        for kind in family.kinds:
+            module = family.module(layer, kind)
+            d_in, d_out = family.shape(layer, kind)
+            x = x_by_input.setdefault(d_in, torch.randn(5, d_in, dtype=torch.float64))
+            bias = family.bias(layer, kind)
+            expected = x @ family.weight(layer, kind) + (0 if bias is None else bias)
+            torch.testing.assert_close(module(x), expected, rtol=0, atol=1e-12)
+            assert (d_in, d_out) == tuple(family.weight(layer, kind).shape)
+
+
+def test_kinds_that_share_an_input_see_the_same_activation(model_and_family):
+    """Hooks prove the declared input of each kind: same-input kinds receive equal tensors."""
+    model, family = model_and_family
+    layer = family.layers(model)[1]
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        family.module(layer, kind).register_forward_hook(
+            lambda _m, args, _out, kind=kind: seen.__setitem__(kind, args[0].detach().clone())
+        )
+        for kind in family.kinds
+    ]
+    with torch.no_grad():
+        model(torch.randint(0, 300, (2, 12)))
+    for h in handles:
+        h.remove()
+    for kinds in family.kinds_by_input().values():
+        for kind in kinds[1:]:
+            assert torch.equal(seen[kind], seen[kinds[0]])
+    inputs = [p.input for p in family.projections]
+    assert set(inputs) == {ATTN_IN, ATTN_OUT, MLP_IN, MLP_HIDDEN}
+    # Different inputs really differ (the hooks are not all on one tensor).
+    firsts = [seen[k[0]] for k in family.kinds_by_input().values()]
+    assert all(
+        not torch.equal(a, b)
+        for i, a in enumerate(firsts)
+        for b in firsts[i + 1 :]
+        if a.shape == b.shape
+    )
+
+
+def test_set_module_replaces_the_leaf_only(model_and_family):
+    model, family = model_and_family
+    model = make_tiny_model(model.config.model_type)
+    layer = family.layers(model)[0]
+    kind = family.private[0]
+    marker = nn.Identity()
+    family.set_module(layer, kind, marker)
+    assert family.module(layer, kind) is marker
+    assert family.module(family.layers(model)[1], kind) is not marker
+
+
+def test_paper_default_sharing():
+    """method-spec.md 1.2: which kinds share a basis across a group, per family."""
+    assert FAMILIES["llama"].shared == ("q", "k", "v", "up", "gate")
+    assert FAMILIES["llama"].private == ("o", "down")
+    assert FAMILIES["mistral"].shared == ("q", "up", "gate")
+    assert FAMILIES["mistral"].private == ("k", "v", "o", "down")
+    assert FAMILIES["opt"].shared == ("q", "k", "v", "up")
+    assert FAMILIES["opt"].private == ("o", "down")
+    assert FAMILIES["gpt2"].shared == ("attn", "up", "o")
+    assert FAMILIES["gpt2"].private == ("down",)
+    for family in FAMILIES.values():
+        assert sorted(family.shared + family.private) == sorted(family.kinds)
+
+
+def test_layouts_and_gqa_shapes():
+    mistral = make_tiny_model("mistral")
+    fam = get_family("mistral")
+    layer = fam.layers(mistral)[0]
+    assert fam.shape(layer, "q") == (64, 64)
+    assert fam.shape(layer, "k") == (64, 16)  # 2 kv heads x head_dim 8
+    gpt2 = make_tiny_model("gpt2")
+    fam = get_family("gpt2")
+    layer = fam.layers(gpt2)[0]
+    assert fam.projection("attn").layout == "conv1d"
+    assert fam.shape(layer, "attn") == (64, 192)  # fused q, k, v
+    assert fam.shape(layer, "down") == (256, 64)
+
+
+def test_unknown_family_and_kind_list_choices():
+    with pytest.raises(ConfigError, match="Valid choices: gpt2, llama, mistral, opt"):
+        get_family("bloom")
+    with pytest.raises(ConfigError, match="model_type"):
+        family_for_model_type("bloom")
+    with pytest.raises(ConfigError, match="down, gate, k, o, q, up, v"):
+        get_family("llama").projection("attn")

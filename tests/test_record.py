@@ -1,0 +1,101 @@
+"""The run record: lifecycle, per-stage measurements, environment."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from basis_sharing.tracking.environment import PROJECT_ROOT, environment
+from basis_sharing.tracking.record import RunRecord, load_record, summary_table
+
+
+def test_record_is_written_at_start_after_each_stage_and_at_the_end(tmp_path):
+    record = RunRecord(tmp_path, {"ratio": 0.2}, method="dense")
+    record.write()
+    assert load_record(tmp_path / "results.json")["status"] == "running"
+    with record.stage("work"):
+        pass
+    on_disk = load_record(tmp_path / "results.json")
+    assert set(on_disk["stages"]["work"]) >= {"wall_s", "peak_rss_mb", "rss_scope"}
+    record.finish()
+    final = load_record(tmp_path / "results.json")
+    assert final["status"] == "completed" and final["finished_at"]
+    assert final["config"] == {"ratio": 0.2} and final["method"] == "dense"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp files left
+
+
+def test_failure_keeps_what_was_computed(tmp_path):
+    record = RunRecord(tmp_path, {})
+    record["metrics"]["perplexity"] = {"wikitext2": {"ppl": 5.0}}
+    with pytest.raises(RuntimeError):
+        with record.stage("boom"):
+            raise RuntimeError("disk full")
+    record.fail(RuntimeError("disk full"))
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["status"] == "failed"
+    assert data["error"] == {"type": "RuntimeError", "message": "disk full"}
+    assert data["metrics"]["perplexity"]["wikitext2"]["ppl"] == 5.0
+    assert "wall_s" in data["stages"]["boom"]
+
+
+def test_peak_rss_is_measured_per_stage(tmp_path):
+    record = RunRecord(tmp_path, {})
+    with record.stage("big") as stats:
+        block = torch.ones(300 * 2**20 // 4)  # 300 MiB, touched
+        del block
+    with record.stage("small"):
+        pass
+    big, small = record["stages"]["big"], record["stages"]["small"]
+    assert big["wall_s"] >= 0
+    if stats["rss_scope"] == "stage":  # Linux: the mark is reset per stage
+        assert big["peak_rss_mb"] - small["peak_rss_mb"] >= 250
+    else:
+        assert big["peak_rss_mb"] >= 300
+
+
+def test_environment_records_versions_and_commit():
+    env = environment()
+    assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"]
+    assert env["packages"]["transformers"] and env["python"]
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    if head.returncode == 0:
+        assert env["git"]["sha"] == head.stdout.strip()
+        assert isinstance(env["git"]["dirty"], bool)
+
+
+def test_summary_table_lists_every_dataset_and_stage():
+    data = {
+        "model": {"name": "m"},
+        "method": "dense",
+        "target_ratio": None,
+        "status": "completed",
+        "params": {"total": 10, "decoder_projections": 8, "achieved_ratio": 0.0},
+        "metrics": {
+            "perplexity": {
+                "wikitext2": {
+                    "ppl": 12.345,
+                    "truncated": True,
+                    "n_windows_evaluated": 4,
+                    "n_windows": 149,
+                    "n_tokens": 300000,
+                },
+                "c4": {
+                    "ppl": 123456.0,
+                    "truncated": False,
+                    "n_windows_evaluated": 5,
+                    "n_windows": 5,
+                    "n_tokens": 9000,
+                },
+            }
+        },
+        "stages": {"load_model": {"wall_s": 1.5, "peak_rss_mb": 700.0}},
+    }
+    table = summary_table(data)
+    assert "12.35" in table and "4/149" in table and "truncated" in table
+    assert "1.23e+05" in table and "full protocol" in table
+    assert "load_model" in table and "700.0" in table

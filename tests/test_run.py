@@ -1,0 +1,181 @@
+"""run.py end to end: tiny model, tiny mirror, single runs, a -m sweep, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from basis_sharing.data.corpora import load_corpus
+from basis_sharing.data.tokens import token_hash, tokenize_text
+from basis_sharing.evaluation.perplexity import perplexity
+
+REPO = Path(__file__).resolve().parents[1]
+CONTEXT = 64
+
+
+def run_py(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "run.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def tiny_args(model_dir: Path, mirror: Path, out: Path) -> list[str]:
+    return [
+        "model=local",
+        f"model.local_path={model_dir}",
+        f"model.context_length={CONTEXT}",
+        f"paths.data_dir={mirror}",
+        "eval.max_windows=3",
+        "eval.batch_size=2",
+        f"paths.output_root={out}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_model_dir, tiny_mirror, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    proc = run_py(*tiny_args(tiny_model_dir, tiny_mirror, out), f"hydra.run.dir={out}/run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "run" / "results.json").read_text()), proc
+
+
+def test_single_run_records_everything(single_run, tiny_model_dir):
+    record, proc = single_run
+    assert record["status"] == "completed" and record["error"] is None
+    assert record["method"] == "dense" and record["target_ratio"] is None and record["seed"] == 0
+    assert record["config"]["model"]["local_path"] == str(tiny_model_dir)
+    assert record["model"]["source"] == "local" and record["model"]["family"] == "llama"
+    assert set(record["metrics"]["perplexity"]) == {"wikitext2", "ptb", "c4"}
+    assert set(record["hashes"]["eval"]) == {"wikitext2", "ptb", "c4"}
+    assert record["hashes"]["calibration"] is None  # dense needs no calibration
+    for stage in ("data", "model_source", "tokenize", "load_model", "compress", "perplexity"):
+        assert record["stages"][stage]["wall_s"] >= 0 and record["stages"][stage]["peak_rss_mb"] > 0
+    env = record["environment"]
+    assert env["packages"]["torch"] and env["packages"]["hydra-core"] and "git" in env
+    assert "Run summary" in proc.stderr + proc.stdout
+
+
+def test_recorded_numbers_equal_an_independent_computation(single_run, tiny_model_dir, tiny_mirror):
+    record, _ = single_run
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for name, split, rows in (
+        ("wikitext2", "test", None),
+        ("ptb", "test", None),
+        ("c4", "validation", 2000),
+    ):
+        ids = tokenize_text(tokenizer, load_corpus(name, split, tiny_mirror).text(max_rows=rows))
+        assert record["hashes"]["eval"][name] == token_hash(ids)
+        expected = perplexity(model, ids, CONTEXT, max_windows=3)
+        got = record["metrics"]["perplexity"][name]
+        assert got["ppl"] == pytest.approx(expected.ppl, rel=1e-5)
+        assert got["n_windows"] == expected.n_windows and got["n_windows_evaluated"] == 3
+        assert got["truncated"] is True and got["n_tokens"] == ids.numel()
+    params = record["params"]
+    assert params["total"] == sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    per_layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128  # q, o; k, v (GQA); up, gate, down
+    assert params["decoder_projections"] == cfg.num_hidden_layers * per_layer
+    assert params["dense_decoder_projections"] == params["decoder_projections"]
+    assert params["achieved_ratio"] == 0.0
+
+
+def test_two_job_sweep_gets_one_directory_per_override(tiny_model_dir, tiny_mirror, tmp_path):
+    proc = run_py(
+        *tiny_args(tiny_model_dir, tiny_mirror, tmp_path),
+        "eval.max_windows=1",
+        "ratio=0.2,0.3",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        "-m",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/results.json"))
+    common = "eval.batch_size=2,eval.max_windows=1,model.context_length=64,model=local"
+    # Paths are excluded from the name (they would nest directories); overrides are in it.
+    assert jobs == [f"{common},ratio=0.2", f"{common},ratio=0.3"]
+    for job in jobs:
+        record = json.loads((tmp_path / "sweep" / job / "results.json").read_text())
+        assert record["status"] == "completed"
+        assert record["config"]["ratio"] == float(job.rsplit("=", 1)[1])
+        assert "ratio=" + job.rsplit("=", 1)[1] in record["overrides"]
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "Traceback" not in output, output[-3000:]
+    for fragment in fragments:
+        assert fragment in output, output[-3000:]
+    return output
+
+
+def test_ratio_outside_unit_interval_fails_before_loading(tmp_path):
+    # The model path does not exist: a ratio error proves nothing was loaded first.
+    for ratio in ("1.5", "0", "-0.2", "1.0"):
+        proc = run_py(
+            "model=local",
+            "model.local_path=/does/not/exist",
+            f"ratio={ratio}",
+            f"hydra.run.dir={tmp_path}/r",
+        )
+        assert_clean_failure(proc, f"ratio={float(ratio)} is outside (0, 1)")
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_unknown_model_and_method_list_the_choices(tmp_path):
+    proc = run_py("model=llama70b", f"hydra.run.dir={tmp_path}")
+    out = assert_clean_failure(proc, "Could not find 'model/llama70b'")
+    assert all(name in out for name in ("llama7b", "gpt2", "opt6.7b", "smollm2_135m"))
+    proc = run_py("method=bassis_sharing", f"hydra.run.dir={tmp_path}")
+    assert_clean_failure(proc, "Could not find 'method/bassis_sharing'", "dense")
+
+
+def test_unknown_eval_dataset_lists_the_choices(tiny_model_dir, tiny_mirror, tmp_path):
+    proc = run_py(
+        *tiny_args(tiny_model_dir, tiny_mirror, tmp_path),
+        "eval.ppl_datasets=[wikitext2,wikitext103]",
+        f"hydra.run.dir={tmp_path}/r",
+    )
+    assert_clean_failure(proc, "Unknown perplexity dataset", "Valid choices: c4, ptb, wikitext2")
+
+
+def test_missing_mirror_file_names_file_and_command(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty_mirror"
+    empty.mkdir()
+    proc = run_py(*tiny_args(tiny_model_dir, empty, tmp_path), f"hydra.run.dir={tmp_path}/r")
+    assert_clean_failure(
+        proc, str(empty / "wikitext-2-raw-v1" / "wiki.test.raw"), "scripts/prepare_data.py"
+    )
+    record = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert record["status"] == "failed" and record["error"]["type"] == "DataNotFoundError"
+    assert "load_model" not in record["stages"]
+
+
+def test_hub_model_offline_fails_with_a_clear_message(tiny_mirror, tmp_path):
+    """No HF_HUB_OFFLINE switch: the unreachable endpoint itself is detected quickly."""
+    env = {
+        "HF_HUB_OFFLINE": "0",
+        "HF_DATASETS_OFFLINE": "0",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HOME": str(tmp_path / "hf_home"),
+    }
+    proc = run_py(
+        "model=gpt2",
+        "method=dense",
+        f"paths.data_dir={tiny_mirror}",
+        f"hydra.run.dir={tmp_path}/r",
+        env=env,
+    )
+    assert_clean_failure(proc, "hub is unreachable", "model=gpt2 model.local_path=")
