@@ -1,0 +1,45 @@
+"""The CUDA path of the pipeline (skipped where there is no GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+import basis_sharing.config  # noqa: F401
+from basis_sharing import pipeline
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def run_on(device: str, model_dir: Path, mirror: Path, out: Path) -> dict:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("config", overrides=[
+            "model=local", f"model.local_path={model_dir}", "model.context_length=64",
+            f"paths.data_dir={mirror}", "eval.max_windows=4", "eval.batch_size=2",
+            f"device={device}",
+        ])
+    GlobalHydra.instance().clear()
+    return pipeline.run(cfg, out_dir=out)
+
+
+def test_cuda_run_matches_cpu_and_records_cuda_peaks(tiny_model_dir, tiny_mirror, tmp_path):
+    cuda = run_on("cuda", tiny_model_dir, tiny_mirror, tmp_path / "cuda")
+    cpu = run_on("cpu", tiny_model_dir, tiny_mirror, tmp_path / "cpu")
+    assert cuda["device"].startswith("cuda") and cuda["environment"]["cuda"]
+    for stage in ("load_model", "compress", "perplexity"):
+        assert "cuda_peak_mb" in cuda["stages"][stage]
+        assert "cuda_peak_mb" not in cpu["stages"][stage]
+    assert cuda["stages"]["perplexity"]["cuda_peak_mb"] > 0
+    for name, result in cpu["metrics"]["perplexity"].items():
+        assert cuda["metrics"]["perplexity"][name]["ppl"] == pytest.approx(result["ppl"], rel=1e-4)
+    assert cuda["hashes"]["eval"] == cpu["hashes"]["eval"]
