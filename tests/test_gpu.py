@@ -23,11 +23,18 @@ pytestmark = [
 def run_on(device: str, model_dir: Path, mirror: Path, out: Path) -> dict:
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose("config", overrides=[
-            "model=local", f"model.local_path={model_dir}", "model.context_length=64",
-            f"paths.data_dir={mirror}", "eval.max_windows=4", "eval.batch_size=2",
-            f"device={device}",
-        ])
+        cfg = compose(
+            "config",
+            overrides=[
+                "model=local",
+                f"model.local_path={model_dir}",
+                "model.context_length=64",
+                f"paths.data_dir={mirror}",
+                "eval.max_windows=4",
+                "eval.batch_size=2",
+                f"device={device}",
+            ],
+        )
     GlobalHydra.instance().clear()
     return pipeline.run(cfg, out_dir=out)
 

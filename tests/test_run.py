@@ -179,3 +179,92 @@ def test_hub_model_offline_fails_with_a_clear_message(tiny_mirror, tmp_path):
         env=env,
     )
     assert_clean_failure(proc, "hub is unreachable", "model=gpt2 model.local_path=")
+
+
+class CalibrationProbe:
+    """A throwaway method that needs calibration data and records what it was given."""
+
+    name = "calibration_probe"
+    needs_calibration = True
+    compresses = False
+    seen: dict = {}
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    def compress(self, model, family, ctx) -> dict:
+        CalibrationProbe.seen = {"ids": ctx.calibration_ids}
+        return {"calibration_shape": list(ctx.calibration_ids.shape)}
+
+
+def compose_tiny(model_dir: Path, mirror: Path, *overrides: str):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = compose(
+            "config",
+            overrides=[
+                "model=local",
+                f"model.local_path={model_dir}",
+                f"model.context_length={CONTEXT}",
+                f"paths.data_dir={mirror}",
+                "eval.max_windows=1",
+                "method.name=calibration_probe",
+                *overrides,
+            ],
+        )
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.fixture
+def probe_method(monkeypatch):
+    from basis_sharing.methods import registry
+
+    monkeypatch.setitem(registry.METHODS, "calibration_probe", CalibrationProbe)
+
+
+def test_calibration_blocks_reach_the_method_and_the_run_dir(
+    probe_method, tiny_model_dir, tiny_mirror, tiny_tokenizer, tmp_path
+):
+    from safetensors.torch import load_file
+
+    from basis_sharing import pipeline
+    from basis_sharing.data.calibration import sample_calibration_blocks
+
+    cfg = compose_tiny(
+        tiny_model_dir,
+        tiny_mirror,
+        "calibration=wikitext2_cpu",
+        "calibration.n_samples=3",
+        "calibration.seq_len=32",
+    )
+    record = pipeline.run(cfg, out_dir=tmp_path)
+    text = load_corpus("wikitext2", "validation", tiny_mirror).text()
+    expected = sample_calibration_blocks(tokenize_text(tiny_tokenizer, text), 3, 32, 2023)
+    assert torch.equal(CalibrationProbe.seen["ids"], expected)
+    assert torch.equal(load_file(tmp_path / "calibration_ids.safetensors")["input_ids"], expected)
+    assert record["hashes"]["calibration"] == token_hash(expected)
+    assert record["data"]["calibration"]["split"] == "validation"
+    assert record["method_info"] == {"calibration_shape": [3, 32]}
+
+
+def test_too_many_calibration_samples_fail_before_the_model_loads(
+    probe_method, tiny_model_dir, tiny_mirror, tmp_path
+):
+    from basis_sharing import pipeline
+    from basis_sharing.errors import CalibrationError
+
+    cfg = compose_tiny(
+        tiny_model_dir,
+        tiny_mirror,
+        "calibration=wikitext2_cpu",
+        "calibration.n_samples=100000",
+        "calibration.seq_len=32",
+    )
+    with pytest.raises(CalibrationError, match="non-overlapping blocks of 32"):
+        pipeline.run(cfg, out_dir=tmp_path)
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["status"] == "failed" and "load_model" not in record["stages"]
