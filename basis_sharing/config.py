@@ -51,6 +51,7 @@ class CalibrationConfig:
     n_samples: int = 256
     seq_len: int = 2048
     seed: int = 2023
+    gram_dtype: str = "float32"  # accumulation dtype of X^T X: float32 (paper) or float64
 
 
 @dataclass
@@ -77,6 +78,25 @@ class MethodConfig:
 @dataclass
 class DenseMethodConfig(MethodConfig):
     """No compression: the "Original" row of the paper's tables."""
+
+
+@dataclass
+class WhitenedSVDMethodConfig(MethodConfig):
+    """Shared by every method that whitens with the calibration Gram (svd_llm, basis_sharing)."""
+
+    eps: float = 1e-6  # added to -lambda_min when a Gram is not positive definite
+    decomposition_cache_mb: float = 4096  # in-process SVD reuse across a sweep; 0 disables
+
+
+@dataclass
+class BasisSharingMethodConfig(WhitenedSVDMethodConfig):
+    """Basis Sharing (method-spec.md 1.2-1.6)."""
+
+    group_size: int = 2  # consecutive layers sharing one basis (every released config uses 2)
+    shared: list[str] | None = None  # projection kinds sharing a basis; None = family default
+    private: list[str] | None = None  # kinds with one basis per layer; None = family default
+    remainder_rank: str = "nominal"  # smaller last group: "nominal" k (paper code) or "own"
+    eps: float = 7e-6  # the Basis Sharing code's regulariser (SVD-LLM uses 1e-6)
 
 
 @dataclass
@@ -109,13 +129,18 @@ class Config:
     logger: Any = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     ratio: float = 0.2  # target compression ratio of the decoder projections, in (0, 1)
+    ratio_tolerance: float = 0.005  # a run fails when the achieved ratio misses ratio by more
     seed: int = 0
     device: str = "auto"  # auto = cuda when available, else cpu
     offline: bool = False  # never contact the hub, even when a file is missing locally
 
 
 OPTION_SCHEMAS: dict[str, dict[str, type]] = {
-    "method": {"dense": DenseMethodConfig},
+    "method": {
+        "dense": DenseMethodConfig,
+        "svd_llm": WhitenedSVDMethodConfig,
+        "basis_sharing": BasisSharingMethodConfig,
+    },
     "finetune": {"none": NoFinetuneConfig},
     "logger": {"none": NoLoggerConfig},
 }

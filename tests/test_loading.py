@@ -19,7 +19,9 @@ def model_cfg(**kw):
 def test_local_directory_loads_with_its_family(tiny_model_dir, tiny_tokenizer):
     cfg = model_cfg(name="local", local_path=str(tiny_model_dir), context_length=64)
     source = resolve_source(cfg, cache_dir="/nonexistent")
-    assert source.provenance == {"source": "local", "path": str(tiny_model_dir.resolve())}
+    assert source.provenance["source"] == "local"
+    assert source.provenance["path"] == str(tiny_model_dir.resolve())
+    assert len(source.provenance["weights_fingerprint"]) == 24
     model, family = load_model(cfg, source)
     assert family.name == "llama" and not model.training and model.dtype == torch.float32
     assert load_tokenizer(source)("the city").input_ids == tiny_tokenizer("the city").input_ids

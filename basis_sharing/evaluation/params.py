@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from basis_sharing.models.families import FamilyAdapter
+from basis_sharing.modules import SHARED_BASES
 
 
 def unique_parameters(modules: list[nn.Module], skip_bias: bool = False) -> dict[int, int]:
@@ -24,7 +25,12 @@ def unique_parameters(modules: list[nn.Module], skip_bias: bool = False) -> dict
 
 
 def projection_modules(model: nn.Module, family: FamilyAdapter) -> list[nn.Module]:
-    return [family.module(layer, kind) for layer in family.layers(model) for kind in family.kinds]
+    """Every projection leaf, plus the registry of bases shared by compressed layer groups."""
+    modules = [
+        family.module(layer, kind) for layer in family.layers(model) for kind in family.kinds
+    ]
+    registry = getattr(model, SHARED_BASES, None)
+    return modules + ([registry] if registry is not None else [])
 
 
 def count_total(model: nn.Module) -> int:

@@ -25,6 +25,7 @@ class CompressionContext:
     ratio: float
     device: torch.device
     calibration_ids: torch.Tensor | None = None  # (n_samples, seq_len)
+    stats: Any = None  # calibration statistics (GramStats) when the method needs them
     calib_batch_size: int = 1
     extras: dict[str, Any] = field(default_factory=dict)
 

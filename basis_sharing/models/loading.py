@@ -54,7 +54,14 @@ def resolve_source(model_cfg, cache_dir: str | Path, offline: bool = False) -> M
                 f"model.local_path={path} is not a model directory (no config.json). Point it at "
                 "a directory written by save_pretrained or downloaded from the hub."
             )
-        return ModelSource(path, {"source": "local", "path": str(path.resolve())})
+        return ModelSource(
+            path,
+            {
+                "source": "local",
+                "path": str(path.resolve()),
+                "weights_fingerprint": weights_fingerprint(path),
+            },
+        )
     if model_cfg.gguf_package:
         gguf = embedded_gguf_path(model_cfg.gguf_package, model_cfg.gguf_file)
         path, info = ensure_converted(gguf, model_cfg.dtype, Path(cache_dir).expanduser())
@@ -76,6 +83,18 @@ def resolve_source(model_cfg, cache_dir: str | Path, offline: bool = False) -> M
         f"model '{model_cfg.name}' names no source: set model.local_path, model.gguf_package "
         "or model.hf_id."
     )
+
+
+def weights_fingerprint(path: Path) -> str:
+    """sha256 over the names, sizes and mtimes of a directory's weight files (cheap, no reading)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+            st = f.stat()
+            digest.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return digest.hexdigest()[:24]
 
 
 def hub_snapshot(hf_id: str, revision: str | None, name: str, offline: bool) -> Path:

@@ -1,0 +1,126 @@
+"""Rank plans: which layers form a group for each projection kind, and each group's rank.
+
+A plan is computed from shapes and the target ratio only, before any statistics or decomposition,
+so the achieved compression can be checked before the heavy work (DESIGN.md principle 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from basis_sharing.errors import ConfigError
+from basis_sharing.linalg.factorization import shared_rank
+from basis_sharing.models.families import FamilyAdapter
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One factorisation: the layers of a group sharing one basis for projection ``kind``."""
+
+    kind: str
+    index: int  # group number within its kind
+    layers: tuple[int, ...]
+    d_in: int
+    d_out: int
+    rank: int
+
+    @property
+    def shared(self) -> bool:
+        return len(self.layers) > 1
+
+    @property
+    def params(self) -> int:
+        """Weights kept: the basis once, one coefficient matrix per member."""
+        return self.d_in * self.rank + len(self.layers) * self.rank * self.d_out
+
+    @property
+    def dense_params(self) -> int:
+        return len(self.layers) * self.d_in * self.d_out
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.d_in, len(self.layers) * self.d_out)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "layers": list(self.layers)}
+
+
+def layer_groups(n_layers: int, group_size: int) -> list[tuple[int, ...]]:
+    """Consecutive groups from layer 0; the leftover layers form one last, smaller group."""
+    if group_size < 1:
+        raise ConfigError(f"method.group_size={group_size} must be >= 1.")
+    return [tuple(range(s, min(s + group_size, n_layers))) for s in range(0, n_layers, group_size)]
+
+
+def resolve_kinds(
+    family: FamilyAdapter, shared: Sequence[str] | None, private: Sequence[str] | None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Shared and private kinds: the family's paper defaults unless the config names them.
+
+    Naming only one list makes every other kind of the family fall in the other list.
+    """
+    kinds = family.kinds
+    for name in list(shared or []) + list(private or []):
+        family.projection(name)  # unknown kinds fail here, listing the valid ones
+    if shared is None and private is None:
+        return family.shared, family.private
+    if shared is None:
+        shared = [k for k in kinds if k not in private]
+    if private is None:
+        private = [k for k in kinds if k not in shared]
+    overlap = set(shared) & set(private)
+    missing = set(kinds) - set(shared) - set(private)
+    if overlap or missing:
+        raise ConfigError(
+            f"method.shared={list(shared)} and method.private={list(private)} must split the "
+            f"{family.name} projections {list(kinds)} exactly "
+            f"(in both: {sorted(overlap) or 'none'}, in neither: {sorted(missing) or 'none'})."
+        )
+    return tuple(k for k in kinds if k in shared), tuple(k for k in kinds if k in private)
+
+
+def plan_groups(
+    model: nn.Module,
+    family: FamilyAdapter,
+    ratio: float,
+    group_size: int,
+    shared: Sequence[str],
+    private: Sequence[str],
+    remainder_rank: str = "nominal",
+) -> list[GroupPlan]:
+    """Groups and ranks for every projection kind (method-spec.md 1.3, 1.6).
+
+    Shared kinds use consecutive groups of ``group_size`` layers and k from the budget rule with
+    n = group_size; private kinds use one group per layer (n = 1). A smaller last group keeps the
+    nominal k as the paper's code does (``remainder_rank="nominal"``) or gets k for its own size
+    (``"own"``).
+    """
+    if remainder_rank not in ("nominal", "own"):
+        raise ConfigError(f"method.remainder_rank={remainder_rank!r}: use 'nominal' or 'own'.")
+    layers = family.layers(model)
+    plans: list[GroupPlan] = []
+    for kind in family.kinds:
+        size = group_size if kind in shared else 1
+        for index, members in enumerate(layer_groups(len(layers), size)):
+            d_in, d_out = family.shape(layers[members[0]], kind)
+            n = len(members) if remainder_rank == "own" else size
+            rank = shared_rank(d_in, d_out, n, ratio)
+            if rank < 1:
+                raise ConfigError(
+                    f"ratio={ratio} leaves no basis vector for {kind} ({d_in} x {d_out})."
+                )
+            plans.append(
+                GroupPlan(
+                    kind, index, members, d_in, d_out, min(rank, min(d_in, len(members) * d_out))
+                )
+            )
+    return plans
+
+
+def planned_params(plans: Sequence[GroupPlan]) -> dict[str, int]:
+    kept = sum(p.params for p in plans)
+    dense = sum(p.dense_params for p in plans)
+    return {"kept": kept, "dense": dense}

@@ -1,0 +1,300 @@
+"""Calibration statistics: streaming Grams, hooks on every family, the on-disk cache."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import TINY_VOCAB, make_tiny_model
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from basis_sharing.calibration import (
+    GramAccumulator,
+    GramStats,
+    collect_grams,
+    load_or_collect,
+    read_stats,
+    save_stats,
+    stats_key,
+    stats_path,
+)
+from basis_sharing.errors import ConfigError
+from basis_sharing.models.families import MLP_IN, get_family
+
+FAMILIES = ["llama", "mistral", "opt", "gpt2"]
+N_SAMPLES, SEQ_LEN = 6, 16
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY_VOCAB, (N_SAMPLES, SEQ_LEN), generator=generator)
+
+
+def _no_hooks_left(model: torch.nn.Module) -> bool:
+    return all(
+        not m._forward_hooks and not m._forward_pre_hooks and not m._forward_hooks_with_kwargs
+        for m in model.modules()
+    )
+
+
+def _capture_every_kind(model, family, ids) -> dict[tuple[int, str], torch.Tensor]:
+    """Oracle: store the input of every projection kind in one plain forward, then X^T X."""
+    captured: dict[tuple[int, str], list[torch.Tensor]] = {}
+    handles = []
+    for index, layer in enumerate(family.layers(model)):
+        for kind in family.kinds:
+            store = captured.setdefault((index, kind), [])
+            hook = (lambda s: lambda mod, args, out: s.append(args[0].detach().clone()))(store)
+            handles.append(family.module(layer, kind).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    grams = {}
+    for key, xs in captured.items():
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double()
+        grams[key] = x.T @ x
+    return grams
+
+
+# ---------------------------------------------------------------- accumulator
+
+
+def test_batched_gram_equals_gram_of_concatenation():
+    torch.manual_seed(0)
+    chunks = [torch.randn(3, 5, 12, dtype=torch.float64), torch.randn(7, 12), torch.randn(1, 12)]
+    acc = GramAccumulator(torch.float64)
+    for chunk in chunks:
+        acc.add(chunk)
+    x = torch.cat([c.reshape(-1, 12).double() for c in chunks])
+    torch.testing.assert_close(acc.gram, x.T @ x, atol=1e-10, rtol=0)
+    assert acc.tokens == 15 + 7 + 1 == x.shape[0]
+    assert acc.gram.dtype == torch.float64
+
+
+def test_accumulator_never_accumulates_in_half():
+    acc = GramAccumulator()
+    acc.add(torch.randn(4, 8).half())
+    assert acc.gram.dtype == torch.float32
+    with pytest.raises(ConfigError, match="float16"):
+        GramAccumulator(torch.float16)
+
+
+def test_accumulator_rejects_a_different_width():
+    acc = GramAccumulator()
+    acc.add(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="width"):
+        acc.add(torch.randn(4, 9))
+
+
+# ---------------------------------------------------------------- hooks on every family
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_collect_grams_matches_independent_capture(name):
+    family = get_family(name)
+    model = make_tiny_model(name, dtype=torch.float64)
+    ids = _ids()
+    stats = collect_grams(model, family, ids, batch_size=4, accumulate_dtype=torch.float64)
+    oracle = _capture_every_kind(model, family, ids)
+
+    assert stats.tokens == N_SAMPLES * SEQ_LEN
+    assert stats.dtype == "float64"
+    n_layers = len(family.layers(model))
+    inputs = family.kinds_by_input()
+    assert set(stats.grams) == {(i, name) for i in range(n_layers) for name in inputs}
+    for (layer, input_name), gram in stats.grams.items():
+        assert gram.device.type == "cpu" and not gram.is_inference()
+        kinds = inputs[input_name]
+        d_in = family.shape(family.layers(model)[layer], kinds[0])[0]
+        assert gram.shape == (d_in, d_in)
+        for kind in kinds:  # every reader of a shared input has the very same Gram
+            assert torch.equal(oracle[(layer, kind)], oracle[(layer, kinds[0])])
+            torch.testing.assert_close(gram, oracle[(layer, kind)], atol=1e-10, rtol=1e-12)
+    assert _no_hooks_left(model)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_batch_size_does_not_change_the_grams(name):
+    model = make_tiny_model(name, dtype=torch.float64)
+    family = get_family(name)
+    one = collect_grams(model, family, _ids(1), batch_size=1, accumulate_dtype="float64")
+    six = collect_grams(model, family, _ids(1), batch_size=6, accumulate_dtype="float64")
+    assert one.tokens == six.tokens == N_SAMPLES * SEQ_LEN
+    for key, gram in one.grams.items():
+        torch.testing.assert_close(gram, six.grams[key], atol=1e-9, rtol=0)
+
+
+def test_fp32_model_gives_fp32_grams_and_restores_training_mode():
+    model = make_tiny_model("opt").train()
+    stats = collect_grams(model, get_family("opt"), _ids(), batch_size=3)
+    assert stats.dtype == "float32"
+    assert all(g.dtype == torch.float32 for g in stats.grams.values())
+    assert model.training
+
+
+def test_hooks_are_removed_when_the_forward_fails():
+    model = make_tiny_model("llama")
+    bad_ids = torch.full((2, 4), TINY_VOCAB + 5)  # out of the embedding's range
+    with pytest.raises(IndexError):
+        collect_grams(model, get_family("llama"), bad_ids, batch_size=2)
+    assert _no_hooks_left(model)
+
+
+def test_group_gram_is_the_float64_sum_of_its_layers():
+    model = make_tiny_model("llama")
+    stats = collect_grams(model, get_family("llama"), _ids(), batch_size=6)
+    group = stats.group_gram([0, 1], MLP_IN)
+    assert group.dtype == torch.float64
+    expected = stats.gram(0, MLP_IN).double() + stats.gram(1, MLP_IN).double()
+    assert torch.equal(group, expected)
+    assert stats.gram(0, MLP_IN).dtype == torch.float32  # the stored Gram is not modified
+
+
+# ---------------------------------------------------------------- cache
+
+
+def _synthetic_stats(seed: int = 0) -> GramStats:
+    generator = torch.Generator().manual_seed(seed)
+    grams = {}
+    for layer in range(2):
+        for name, d in (("attn_in", 32), ("mlp_hidden", 64)):
+            x = torch.randn(50, d, generator=generator)
+            grams[(layer, name)] = x.T @ x
+    return GramStats(grams=grams, tokens=50, dtype="float32")
+
+
+class CountingCollect:
+    def __init__(self, stats: GramStats) -> None:
+        self.stats, self.calls = stats, 0
+
+    def __call__(self) -> GramStats:
+        self.calls += 1
+        return self.stats
+
+
+def _assert_same(a: GramStats, b: GramStats) -> None:
+    assert a.tokens == b.tokens and a.dtype == b.dtype and set(a.grams) == set(b.grams)
+    for key in a.grams:
+        assert a.grams[key].dtype == b.grams[key].dtype
+        assert torch.equal(a.grams[key], b.grams[key])
+
+
+def _only_the_entry(cache_dir, key) -> bool:
+    return sorted(p.name for p in (cache_dir / "stats").iterdir()) == [f"{key}.safetensors"]
+
+
+def test_stats_key_is_canonical_and_sensitive():
+    ident = {"model": "m", "revision": "abc", "dtype": "float32"}
+    key = stats_key(ident, "h" * 64, "float32")
+    assert len(key) == 24 and all(c in "0123456789abcdef" for c in key)
+    assert stats_key(dict(reversed(list(ident.items()))), "h" * 64, "float32") == key
+    assert stats_key(ident, "h" * 64, torch.float32) == key
+    assert stats_key({**ident, "revision": "abd"}, "h" * 64, "float32") != key
+    assert stats_key(ident, "g" * 64, "float32") != key
+    assert stats_key(ident, "h" * 64, "float64") != key
+
+
+def test_second_call_is_a_hit_and_bitwise_equal(tmp_path):
+    collect = CountingCollect(_synthetic_stats())
+    first, hit = load_or_collect(tmp_path, "k1", collect, meta={"model": "tiny"})
+    assert not hit and collect.calls == 1
+    second, hit = load_or_collect(tmp_path, "k1", collect)
+    assert hit and collect.calls == 1
+    _assert_same(first, second)
+    assert _only_the_entry(tmp_path, "k1")
+
+
+def test_cache_round_trips_real_collected_stats(tmp_path):
+    model = make_tiny_model("gpt2")
+
+    def collect():
+        return collect_grams(model, get_family("gpt2"), _ids(), batch_size=6)
+
+    fresh, hit = load_or_collect(tmp_path, "gpt2", collect)
+    cached, hit_again = load_or_collect(tmp_path, "gpt2", collect)
+    assert (hit, hit_again) == (False, True)
+    _assert_same(fresh, cached)
+
+
+def _garbage_middle(path, byte: bytes) -> None:
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 64] = byte * 64
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _other_key(path) -> None:
+    save_stats(path, _synthetic_stats(), "another-key")
+
+
+def _missing_tensor(path) -> None:
+    stats = _synthetic_stats()
+    del stats.grams[(1, "attn_in")]
+    save_stats(path, stats, path.stem)
+    # the entry list still names the dropped tensor, as a partly written file would
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["entries"] = '[[0, "attn_in"], [0, "mlp_hidden"], [1, "attn_in"], [1, "mlp_hidden"]]'
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _nan_tensor(path) -> None:
+    stats = _synthetic_stats()
+    stats.grams[(0, "attn_in")][3, 3] = float("nan")
+    save_stats(path, stats, path.stem)  # consistent checksum: only the finite check can catch it
+
+
+# corruption -> (how to apply it, what the warning must say)
+CORRUPTIONS = {
+    "nan_bytes": (lambda p: _garbage_middle(p, b"\xff"), "non-finite"),
+    # zeros are finite: only the checksum can see them
+    "zero_bytes": (lambda p: _garbage_middle(p, b"\x00"), "sha256"),
+    "truncated": (_truncate, "unreadable"),
+    "not_safetensors": (lambda p: p.write_bytes(b"not a safetensors file"), "unreadable"),
+    "empty": (lambda p: p.write_bytes(b""), "unreadable"),
+    "other_key": (_other_key, "another-key"),
+    "missing_tensor": (_missing_tensor, "L1.attn_in is missing"),
+    "nan_tensor": (_nan_tensor, "L0.attn_in has non-finite"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_a_bad_cache_file_is_recomputed_and_rewritten(tmp_path, caplog, corruption):
+    good = _synthetic_stats()
+    collect = CountingCollect(good)
+    load_or_collect(tmp_path, "k1", collect)
+    path = stats_path(tmp_path, "k1")
+    corrupt, reason = CORRUPTIONS[corruption]
+    corrupt(path)
+
+    with caplog.at_level(logging.WARNING, logger="basis_sharing.calibration"):
+        stats, hit = load_or_collect(tmp_path, "k1", collect)
+    assert not hit and collect.calls == 2
+    _assert_same(stats, good)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(path) in warnings[0] and reason in warnings[0], warnings
+
+    _assert_same(read_stats(path, "k1"), good)  # rewritten valid
+    _, hit = load_or_collect(tmp_path, "k1", collect)
+    assert hit and collect.calls == 2
+    assert _only_the_entry(tmp_path, "k1")
+
+
+def test_non_finite_statistics_are_not_cached(tmp_path, caplog):
+    bad = _synthetic_stats()
+    bad.grams[(1, "mlp_hidden")][0, 0] = float("inf")
+    collect = CountingCollect(bad)
+    with caplog.at_level(logging.WARNING, logger="basis_sharing.calibration"):
+        _, hit = load_or_collect(tmp_path, "k1", collect)
+    assert not hit and not stats_path(tmp_path, "k1").exists()
+    assert any("non-finite" in r.getMessage() for r in caplog.records)
