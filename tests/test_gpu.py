@@ -20,7 +20,7 @@ pytestmark = [
 ]
 
 
-def run_on(device: str, model_dir: Path, mirror: Path, out: Path) -> dict:
+def run_on(device: str, model_dir: Path, mirror: Path, out: Path, *extra: str) -> dict:
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose(
@@ -33,6 +33,8 @@ def run_on(device: str, model_dir: Path, mirror: Path, out: Path) -> dict:
                 "eval.max_windows=4",
                 "eval.batch_size=2",
                 f"device={device}",
+                f"paths.cache_dir={out}/cache",
+                *extra,
             ],
         )
     GlobalHydra.instance().clear()
@@ -50,3 +52,23 @@ def test_cuda_run_matches_cpu_and_records_cuda_peaks(tiny_model_dir, tiny_mirror
     for name, result in cpu["metrics"]["perplexity"].items():
         assert cuda["metrics"]["perplexity"][name]["ppl"] == pytest.approx(result["ppl"], rel=1e-4)
     assert cuda["hashes"]["eval"] == cpu["hashes"]["eval"]
+
+
+def test_basis_sharing_on_cuda_matches_cpu(tiny_model_dir, tiny_mirror, tmp_path):
+    """Statistics and the float64 decompositions run on the GPU and give the CPU's model."""
+    extra = (
+        "method=basis_sharing",
+        "calibration=wikitext2_cpu",
+        "calibration.n_samples=8",
+        "calibration.seq_len=32",
+        "ratio=0.3",
+        "ratio_tolerance=0.05",
+        "calibration.gram_dtype=float64",
+    )
+    cuda = run_on("cuda", tiny_model_dir, tiny_mirror, tmp_path / "cuda", *extra)
+    cpu = run_on("cpu", tiny_model_dir, tiny_mirror, tmp_path / "cpu", *extra)
+    assert cuda["stages"]["calibrate"]["cuda_peak_mb"] > 0
+    assert cuda["stages"]["compress"]["cuda_peak_mb"] > 0
+    assert cuda["params"] == cpu["params"]
+    for name, result in cpu["metrics"]["perplexity"].items():
+        assert cuda["metrics"]["perplexity"][name]["ppl"] == pytest.approx(result["ppl"], rel=1e-4)
