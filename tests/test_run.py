@@ -268,3 +268,34 @@ def test_too_many_calibration_samples_fail_before_the_model_loads(
         pipeline.run(cfg, out_dir=tmp_path)
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["status"] == "failed" and "load_model" not in record["stages"]
+
+
+def test_basis_sharing_sweep_computes_statistics_once(tiny_model_dir, tiny_mirror, tmp_path):
+    proc = run_py(
+        *tiny_args(tiny_model_dir, tiny_mirror, tmp_path),
+        "eval.max_windows=1",
+        f"paths.cache_dir={tmp_path}/cache",
+        "method=basis_sharing,svd_llm",
+        "ratio=0.3,0.5",
+        "calibration=wikitext2_cpu",
+        "calibration.n_samples=8",
+        "calibration.seq_len=32",
+        "ratio_tolerance=0.05",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        "-m",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [
+        json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/results.json"))
+    ]
+    assert len(records) == 4 and all(r["status"] == "completed" for r in records)
+    hits = [r["calibration"]["cache_hit"] for r in records]
+    assert hits.count(False) == 1  # the first job computes the Grams, the other three reuse them
+    keys = {r["calibration"]["stats_key"] for r in records}
+    assert len(keys) == 1
+    for r in records:
+        assert abs(r["params"]["achieved_ratio"] - r["target_ratio"]) <= 0.05
+        assert r["params"]["planned_decoder_projections"] == r["params"]["decoder_projections"]
+        assert r["hashes"]["calibration"] and r["method_info"]["groups"]
+        shared = r["method_info"]["shared_kinds"]
+        assert shared == ([] if r["method"] == "svd_llm" else ["q", "k", "v", "up", "gate"])
