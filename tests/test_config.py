@@ -67,7 +67,8 @@ def test_every_paper_model_is_configured():
 
 def test_defaults_are_the_embedded_model_with_cpu_sized_settings():
     cfg = make()
-    assert cfg.model.name == "smollm2_135m" and cfg.method.name == "dense"
+    assert cfg.model.name == "smollm2_135m" and cfg.method.name == "basis_sharing"
+    assert cfg.ratio == 0.2 and cfg.method.group_size == 2
     assert cfg.eval.max_windows == 4 and cfg.calibration.split == "validation"
     paper = make("model=llama7b")
     assert paper.eval.max_windows is None

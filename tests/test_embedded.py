@@ -51,3 +51,35 @@ def test_dense_smollm2_on_real_text(embedded_cache, shared_assets, tmp_path):
         # A real 135M model on real text: far better than chance (vocab 49152), not perfect.
         assert 2.0 < ppl[name]["ppl"] < 300.0, (name, ppl[name])
         assert ppl[name]["truncated"] and ppl[name]["n_windows_evaluated"] == 2
+
+
+@pytest.mark.slow
+def test_basis_sharing_smollm2_meets_its_ratio(embedded_cache, shared_assets, tmp_path):
+    """The default job (Basis Sharing, 20 %) on the real model, with a small calibration set."""
+    _, cache, _, _ = embedded_cache
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(
+            "config",
+            overrides=[
+                f"paths.data_dir={shared_assets}",
+                f"paths.cache_dir={cache}",
+                "model.context_length=128",
+                "eval.max_windows=2",
+                "calibration.n_samples=8",
+                "calibration.seq_len=128",
+            ],
+        )
+    GlobalHydra.instance().clear()
+    record = pipeline.run(cfg, out_dir=tmp_path)
+    assert record["method"] == "basis_sharing" and record["status"] == "completed"
+    params = record["params"]
+    assert abs(params["achieved_ratio"] - 0.2) <= 0.005  # the real dims meet the 0.5 pp bound
+    assert params["decoder_projections"] == params["planned_decoder_projections"]
+    groups = record["method_info"]["groups"]
+    assert len(groups) == 5 * 15 + 2 * 30  # 5 shared kinds in 15 pairs, o and down per layer
+    q0 = next(g for g in groups if g["kind"] == "q" and g["index"] == 0)
+    assert q0["layers"] == [0, 1] and q0["rank"] == 576 * 576 * 2 * 8 // 10 // (576 + 2 * 576)
+    assert (tmp_path / "calibration_ids.safetensors").is_file()
+    for name in ("wikitext2", "ptb", "c4"):
+        assert 2.0 < record["metrics"]["perplexity"][name]["ppl"] < 1000.0
