@@ -8,6 +8,7 @@ each option's YAML lists it first in its defaults.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,11 +82,48 @@ class DenseMethodConfig(MethodConfig):
 
 
 @dataclass
-class WhitenedSVDMethodConfig(MethodConfig):
+class NoMethodConfig(MethodConfig):
+    """No compression step: evaluate a model as loaded (with load_model=<dir>, a saved one)."""
+
+
+@dataclass
+class FactorizedMethodConfig(MethodConfig):
+    """Settings every SVD-family method has."""
+
+    decomposition_cache_mb: float = 4096  # in-process SVD reuse across a sweep; 0 disables
+
+
+@dataclass
+class SVDMethodConfig(FactorizedMethodConfig):
+    """Plain truncated SVD (method-spec.md 3.1)."""
+
+
+@dataclass
+class FWSVDMethodConfig(FactorizedMethodConfig):
+    """Fisher-weighted SVD (method-spec.md 3.2)."""
+
+    eps: float = 1e-5  # inside the square root of the Fisher row importance
+
+
+@dataclass
+class ASVDMethodConfig(FactorizedMethodConfig):
+    """Activation-aware SVD (method-spec.md 3.3)."""
+
+    scale: str = "abs_mean"  # or abs_max
+    alpha: float = 0.5
+    allocation: str = "sensitivity"  # or uniform
+    candidate_ratios: list[float] = field(
+        default_factory=lambda: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # fractions of weights kept
+    )
+    sensitivity_samples: int = 8  # calibration blocks scored per candidate
+
+
+@dataclass
+class WhitenedSVDMethodConfig(FactorizedMethodConfig):
     """Shared by every method that whitens with the calibration Gram (svd_llm, basis_sharing)."""
 
     eps: float = 1e-6  # added to -lambda_min when a Gram is not positive definite
-    decomposition_cache_mb: float = 4096  # in-process SVD reuse across a sweep; 0 disables
+    update: bool = False  # refit the coefficients on the compressed model's inputs
 
 
 @dataclass
@@ -138,6 +176,10 @@ class Config:
 OPTION_SCHEMAS: dict[str, dict[str, type]] = {
     "method": {
         "dense": DenseMethodConfig,
+        "none": NoMethodConfig,
+        "svd": SVDMethodConfig,
+        "fwsvd": FWSVDMethodConfig,
+        "asvd": ASVDMethodConfig,
         "svd_llm": WhitenedSVDMethodConfig,
         "basis_sharing": BasisSharingMethodConfig,
     },
@@ -164,8 +206,27 @@ def check_schema(cfg: DictConfig) -> None:
         raise ConfigError(f"Invalid configuration: {exc}") from None
 
 
+MAX_SUBDIR = 120
+
+
+def job_subdir(override_dirname: str) -> str:
+    """A sweep job's directory name: its overrides, made safe for any filesystem.
+
+    "/" would nest directories and names over 255 bytes are refused by most filesystems, so long
+    names keep their start and end a short hash of the whole (the full overrides are recorded in
+    results.json and .hydra/overrides.yaml anyway).
+    """
+    name = override_dirname.replace("/", "_") or "default"
+    if len(name) <= MAX_SUBDIR:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    return f"{name[: MAX_SUBDIR - 11]}~{digest}"
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent)."""
+    if not OmegaConf.has_resolver("bs_subdir"):
+        OmegaConf.register_new_resolver("bs_subdir", job_subdir)
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     for group, options in OPTION_SCHEMAS.items():

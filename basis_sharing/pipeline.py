@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from basis_sharing.calibration.cache import load_or_collect, stats_key
-from basis_sharing.calibration.grams import collect_grams
+from basis_sharing.calibration.cache import stats_key
+from basis_sharing.calibration.collect import collect_statistic
 from basis_sharing.config import check_schema
 from basis_sharing.data.calibration import sample_calibration_blocks
 from basis_sharing.data.corpora import Corpus, get_corpus_spec, load_corpus, split_source
@@ -147,34 +147,50 @@ def model_identity(model_record: dict) -> dict[str, Any]:
     return {k: model_record.get(k) for k in keys if model_record.get(k) is not None}
 
 
-def calibrate(cfg: DictConfig, model, family, calib_ids: torch.Tensor, record: RunRecord):
-    """Input Grams of every decoder layer, from the disk cache when this exact setup ran before.
+def calibrate(
+    cfg: DictConfig,
+    model,
+    family,
+    calib_ids: torch.Tensor,
+    record: RunRecord,
+    needed: frozenset[str],
+) -> tuple[dict[str, Any], str]:
+    """The statistics the method needs, each from the disk cache when this setup ran before.
 
-    The cache key covers the model identity, the calibration token ids (hence tokenizer, dataset,
-    split, sample count, length and seed) and the accumulation dtype.
+    Keys cover the model identity, the calibration token ids (hence tokenizer, dataset, split,
+    sample count, length and seed), the statistic and the Gram accumulation dtype. Returns the
+    statistics by name and a key of the whole calibration setup (for reusing decompositions).
     """
     gram_dtype = cfg.calibration.gram_dtype
     if gram_dtype not in ("float32", "float64"):
         raise ConfigError(f"calibration.gram_dtype={gram_dtype!r}: use float32 or float64.")
-    key = stats_key(model_identity(record["model"]), record["hashes"]["calibration"], gram_dtype)
-    stats, hit = load_or_collect(
-        Path(cfg.paths.cache_dir).expanduser(),
-        key,
-        lambda: collect_grams(
-            model, family, calib_ids, cfg.model.calib_batch_size, getattr(torch, gram_dtype)
-        ),
-        meta={
-            "model": model_identity(record["model"]),
-            "calibration": OmegaConf.to_container(cfg.calibration),
-        },
-    )
-    record["calibration"] = {
-        "stats_key": key,
-        "cache_hit": hit,
-        "tokens": stats.tokens,
-        "gram_dtype": gram_dtype,
-    }
-    return stats, key
+    identity = model_identity(record["model"])
+    cache_dir = Path(cfg.paths.cache_dir).expanduser()
+    calibration_hash = record["hashes"]["calibration"]
+    batch = cfg.model.calib_batch_size
+    meta = {"model": identity, "calibration": OmegaConf.to_container(cfg.calibration)}
+    stats: dict[str, Any] = {}
+    summary: dict[str, Any] = {"gram_dtype": gram_dtype, "tokens": int(calib_ids.numel())}
+    for name in sorted(needed):
+        key, collected, hit = collect_statistic(
+            name,
+            model,
+            family,
+            calib_ids,
+            batch,
+            gram_dtype,
+            identity,
+            calibration_hash,
+            cache_dir,
+            meta,
+        )
+        stats[name] = collected
+        summary[name] = {"stats_key": key, "cache_hit": hit}
+    run_key = stats_key(identity, calibration_hash, gram_dtype)
+    summary["stats_key"] = run_key
+    summary["cache_hit"] = all(v["cache_hit"] for k, v in summary.items() if k in needed)
+    record["calibration"] = summary
+    return stats, run_key
 
 
 def check_ratio(report: dict, target: float, tolerance: float) -> None:
@@ -212,7 +228,11 @@ def execute(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
     )
     if plan.method.needs_calibration:
         with record.stage("calibrate", plan.device):
-            ctx.stats, ctx.extras["stats_key"] = calibrate(cfg, model, family, calib_ids, record)
+            needed = getattr(plan.method, "stats_needed", frozenset())
+            ctx.stats, ctx.extras["cache_key"] = calibrate(
+                cfg, model, family, calib_ids, record, needed
+            )
+            ctx.extras["gram_dtype"] = getattr(torch, cfg.calibration.gram_dtype)
     with record.stage("compress", plan.device):
         record["method_info"] = plan.method.compress(model, family, ctx)
     record["params"] = parameter_report(model, family, dense)

@@ -49,8 +49,10 @@ def test_full_rank_reproduces_the_dense_logits(family_name):
     probe = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(9))
     dense = logits(model, probe)
     bs = method(group_size=2)
-    plans = [dataclasses.replace(p, rank=p.full_rank) for p in bs.plan(model, family, 0.2)]
-    bs.apply(model, family, stats, plans, CPU)
+    plans = [
+        dataclasses.replace(p, rank=p.full_rank) for p in bs.plan(model, family, _ctx(stats, 0.2))
+    ]
+    bs.apply(model, family, plans, _ctx(stats))
     torch.testing.assert_close(logits(model, probe), dense, rtol=0, atol=1e-8)
     assert any(
         isinstance(family.module(family.layers(model)[0], k), SharedBasisLinear)
@@ -64,8 +66,8 @@ def test_planned_parameters_equal_the_counted_ones(family_name, ratio, group_siz
     model, family, stats = setup(family_name)
     dense = dense_projection_weights(model, family)
     bs = method(group_size=group_size)
-    plans = bs.plan(model, family, ratio)
-    info = bs.apply(model, family, stats, plans, CPU)
+    plans = bs.plan(model, family, _ctx(stats, ratio))
+    info = bs.apply(model, family, plans, _ctx(stats))
     assert count_projection_weights(model, family) == info["planned_params"]["kept"]
     assert info["planned_params"]["dense"] == dense
     # Each shared basis is counted once: the registry holds one per shared group.
@@ -167,8 +169,8 @@ def test_kinds_and_groups_follow_the_config():
 
 def test_remainder_group_keeps_the_nominal_rank_unless_asked():
     model, family, _ = setup("llama")
-    nominal = method(group_size=3).plan(model, family, 0.3)
-    own = method(group_size=3, remainder_rank="own").plan(model, family, 0.3)
+    nominal = method(group_size=3).plan(model, family, _ctx(None, 0.3))
+    own = method(group_size=3, remainder_rank="own").plan(model, family, _ctx(None, 0.3))
     last_q = [p for p in nominal if p.kind == "q"][-1]
     assert last_q.layers == (3,) and last_q.rank == 64 * 64 * 3 * 7 // 10 // (64 + 3 * 64)
     assert [p for p in own if p.kind == "q"][-1].rank == 64 * 64 * 7 // 10 // (64 + 64)
@@ -177,7 +179,7 @@ def test_remainder_group_keeps_the_nominal_rank_unless_asked():
 def _ctx(stats, ratio: float = 0.3, key: str | None = None):
     from basis_sharing.methods.registry import CompressionContext
 
-    ctx = CompressionContext(ratio=ratio, device=CPU, stats=stats)
+    ctx = CompressionContext(ratio=ratio, device=CPU, stats={"gram": stats})
     if key is not None:
-        ctx.extras["stats_key"] = key
+        ctx.extras["cache_key"] = key
     return ctx

@@ -94,13 +94,13 @@ def test_typo_in_an_override_fails_before_any_work():
     with pytest.raises(ConfigCompositionException):
         make("eval.max_windowz=3")
     with pytest.raises(ConfigCompositionException):
-        make("method.group_size=2")  # dense has no group_size
+        make("method=dense", "method.group_size=2")  # dense has no group_size
     # `+key=value` appends bypass Hydra's check; the pipeline's schema check catches them.
     cfg = make("+eval.max_windowz=3")
     with pytest.raises(ConfigError, match="max_windowz"):
         check_schema(cfg)
     with pytest.raises(ConfigError, match="group_size"):
-        check_schema(make("+method.group_size=2"))
+        check_schema(make("method=dense", "+method.group_size=2"))
     check_schema(make("model=gpt2"))
 
 
@@ -125,3 +125,13 @@ def test_sweep_subdirectories_are_named_by_overrides():
     cfg = make("ratio=0.3", "seed=1", "paths.data_dir=/abs/mirror", hydra=True)
     # Paths (which would nest directories) are left out of the name; swept values are in it.
     assert cfg.hydra.sweep.subdir == "ratio=0.3,seed=1"
+
+
+def test_long_sweep_directory_names_are_shortened_with_a_hash():
+    from basis_sharing.config import MAX_SUBDIR, job_subdir
+
+    assert job_subdir("method=svd,ratio=0.3") == "method=svd,ratio=0.3"
+    assert job_subdir("paths.x=/a/b") == "paths.x=_a_b"  # never nests directories
+    long_a, long_b = "a=" + "x" * 300, "a=" + "x" * 299 + "y"
+    assert len(job_subdir(long_a)) == MAX_SUBDIR and job_subdir(long_a) != job_subdir(long_b)
+    assert job_subdir(long_a).startswith("a=xxx")

@@ -31,8 +31,10 @@ def run_py(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     )
 
 
-def tiny_args(model_dir: Path, mirror: Path, out: Path) -> list[str]:
+def tiny_args(model_dir: Path, mirror: Path, out: Path, method: str | None = "dense") -> list[str]:
+    """Overrides for a tiny local model and mirror; ``method=None`` lets the caller choose."""
     return [
+        *([f"method={method}"] if method else []),
         "model=local",
         f"model.local_path={model_dir}",
         f"model.context_length={CONTEXT}",
@@ -102,7 +104,7 @@ def test_two_job_sweep_gets_one_directory_per_override(tiny_model_dir, tiny_mirr
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/results.json"))
-    common = "eval.batch_size=2,eval.max_windows=1,model.context_length=64,model=local"
+    common = "eval.batch_size=2,eval.max_windows=1,method=dense,model.context_length=64,model=local"
     # Paths are excluded from the name (they would nest directories); overrides are in it.
     assert jobs == [f"{common},ratio=0.2", f"{common},ratio=0.3"]
     for job in jobs:
@@ -272,7 +274,7 @@ def test_too_many_calibration_samples_fail_before_the_model_loads(
 
 def test_basis_sharing_sweep_computes_statistics_once(tiny_model_dir, tiny_mirror, tmp_path):
     proc = run_py(
-        *tiny_args(tiny_model_dir, tiny_mirror, tmp_path),
+        *tiny_args(tiny_model_dir, tiny_mirror, tmp_path, method=None),
         "eval.max_windows=1",
         f"paths.cache_dir={tmp_path}/cache",
         "method=basis_sharing,svd_llm",
@@ -299,3 +301,55 @@ def test_basis_sharing_sweep_computes_statistics_once(tiny_model_dir, tiny_mirro
         assert r["hashes"]["calibration"] and r["method_info"]["groups"]
         shared = r["method_info"]["shared_kinds"]
         assert shared == ([] if r["method"] == "svd_llm" else ["q", "k", "v", "up", "gate"])
+
+
+def method_sweep(model_dir: Path, mirror: Path, out: Path, *overrides: str) -> list[dict]:
+    proc = run_py(
+        *tiny_args(model_dir, mirror, out, method=None),
+        "eval.max_windows=1",
+        "eval.ppl_datasets=[wikitext2]",
+        f"paths.cache_dir={out}/cache",
+        "ratio=0.4",
+        "calibration=wikitext2_cpu",
+        "calibration.n_samples=8",
+        "calibration.seq_len=32",
+        "model.calib_batch_size=4",
+        "ratio_tolerance=0.05",
+        f"hydra.sweep.dir={out}/sweep",
+        *overrides,
+        "-m",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(p.read_text()) for p in sorted((out / "sweep").glob("*/results.json"))]
+
+
+def test_every_method_runs_end_to_end(tiny_model_dir, tiny_mirror, tmp_path):
+    records = method_sweep(
+        tiny_model_dir, tiny_mirror, tmp_path, "method=svd,fwsvd,asvd,svd_llm,basis_sharing"
+    )
+    by_method = {r["method"]: r for r in records}
+    assert set(by_method) == {"svd", "fwsvd", "asvd", "svd_llm", "basis_sharing"}
+    for r in records:
+        assert r["status"] == "completed"
+        assert abs(r["params"]["achieved_ratio"] - 0.4) <= 0.05
+        assert r["params"]["planned_decoder_projections"] == r["params"]["decoder_projections"]
+    assert "calibrate" not in by_method["svd"]["stages"]  # plain SVD uses no data
+    assert set(by_method["fwsvd"]["calibration"]) >= {"fisher"}
+    assert set(by_method["asvd"]["calibration"]) >= {"scale"}
+    asvd = by_method["asvd"]["method_info"]
+    assert asvd["allocation"] == "sensitivity" and asvd["sensitivity_ppl"]
+    assert (
+        by_method["basis_sharing"]["calibration"]["gram"]["stats_key"]
+        == (by_method["svd_llm"]["calibration"]["gram"]["stats_key"])
+    )
+
+
+def test_updates_run_end_to_end(tiny_model_dir, tiny_mirror, tmp_path):
+    records = method_sweep(
+        tiny_model_dir, tiny_mirror, tmp_path, "method=svd_llm,basis_sharing", "method.update=true"
+    )
+    modes = {r["method"]: r["method_info"]["update"]["mode"] for r in records}
+    assert modes == {"svd_llm": "sequential", "basis_sharing": "single_pass"}
+    for r in records:
+        update = r["method_info"]["update"]
+        assert update["error_after"] <= update["error_before"]

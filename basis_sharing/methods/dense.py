@@ -14,3 +14,8 @@ class Dense(CompressionMethod):
 
     def compress(self, model: nn.Module, family: FamilyAdapter, ctx: CompressionContext) -> dict:
         return {}
+
+
+@register_method("none")
+class NoCompression(Dense):
+    """Evaluate the model as loaded: with ``load_model=<dir>``, a saved compressed model."""

@@ -120,7 +120,12 @@ def plan_groups(
     return plans
 
 
-def planned_params(plans: Sequence[GroupPlan]) -> dict[str, int]:
-    kept = sum(p.params for p in plans)
-    dense = sum(p.dense_params for p in plans)
-    return {"kept": kept, "dense": dense}
+def planned_params(plans: Sequence[GroupPlan], dense_total: int | None = None) -> dict[str, int]:
+    """Projection weights the plans keep; projections no plan covers stay dense and count whole.
+
+    Args:
+        dense_total: weights of every projection before compression (None: only the planned ones).
+    """
+    covered = sum(p.dense_params for p in plans)
+    dense = covered if dense_total is None else dense_total
+    return {"kept": sum(p.params for p in plans) + dense - covered, "dense": dense}

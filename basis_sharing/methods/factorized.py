@@ -1,0 +1,208 @@
+"""The machinery every SVD-family method shares (DESIGN.md principle 4).
+
+A factorised method replaces each group of projections (one layer, or a group of consecutive
+layers sharing a basis) by a truncated factorisation of S W_G, where S is the method's input
+scaling: the identity (SVD), a diagonal (FWSVD's Fisher rows, ASVD's activation scales) or the
+Cholesky factor of the calibration Gram (SVD-LLM, Basis Sharing). The basis B = S^{-1} U_k Sigma_k
+and coefficients C_j = V_k^T slices are installed as drop-in modules (``basis_sharing.modules``).
+
+A method file only says what is specific to it: which statistics it needs, its scaling, its rank
+plan, and an optional refit (``update``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from basis_sharing.evaluation.params import dense_projection_weights
+from basis_sharing.linalg.factorization import SharedDecomposition, decompose_shared
+from basis_sharing.methods.plan import GroupPlan, plan_groups, planned_params
+from basis_sharing.methods.registry import CompressionContext, CompressionMethod
+from basis_sharing.models.families import FamilyAdapter
+from basis_sharing.modules import (
+    LowRankLinear,
+    SharedBasisLinear,
+    basis_linear,
+    coefficient_linear,
+    shared_bases,
+)
+
+log = logging.getLogger(__name__)
+
+
+class DecompositionCache:
+    """Ratio-independent SVDs kept in memory (on the CPU) across the jobs of one process.
+
+    A ratio sweep run by Hydra's basic launcher shares the process, so each group is scaled and
+    decomposed once and only truncated per ratio. Least recently used entries are dropped beyond
+    the budget.
+    """
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[tuple, SharedDecomposition] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(
+        self, key: tuple, compute: Callable[[], SharedDecomposition], budget_mb: float
+    ) -> SharedDecomposition:
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return self._entries[key]
+        self.misses += 1
+        value = compute()
+        if budget_mb > 0:
+            self._entries[key] = value.to("cpu")
+            while sum(v.nbytes() for v in self._entries.values()) > budget_mb * 2**20:
+                self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+DECOMPOSITIONS = DecompositionCache()
+
+
+class FactorizedMethod(CompressionMethod):
+    """Truncated factorisation of every projection group of S W_G (see module docstring)."""
+
+    stats_needed: ClassVar[frozenset[str]] = frozenset()  # "gram", "scale", "fisher"
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return bool(self.stats_needed) or self.cfg.get("update", False)
+
+    # ---- what a method specialises -------------------------------------------------------
+    def group_size(self) -> int:
+        return 1
+
+    def kinds(self, family: FamilyAdapter) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(shared kinds, private kinds)."""
+        return (), family.kinds
+
+    def scaling(
+        self, plan: GroupPlan, family: FamilyAdapter, stats: dict[str, Any], device: torch.device
+    ) -> tuple[torch.Tensor, float]:
+        """S (d_in, d_in) upper triangular in float64 on ``device``, and any diagonal shift."""
+        raise NotImplementedError
+
+    def cache_tag(self) -> tuple:
+        """Settings besides the statistics that change the decomposition (part of its key)."""
+        return ()
+
+    def plan(self, model: nn.Module, family: FamilyAdapter, ctx: CompressionContext):
+        shared, private = self.kinds(family)
+        remainder = self.cfg.get("remainder_rank", "nominal")
+        return plan_groups(model, family, ctx.ratio, self.group_size(), shared, private, remainder)
+
+    def update(
+        self,
+        model: nn.Module,
+        family: FamilyAdapter,
+        plans: list[GroupPlan],
+        originals: dict,
+        ctx: CompressionContext,
+    ) -> dict:
+        raise NotImplementedError(f"method {self.name} has no update step")
+
+    # ---- the shared procedure ------------------------------------------------------------
+    def compress(self, model: nn.Module, family: FamilyAdapter, ctx: CompressionContext) -> dict:
+        plans = self.plan(model, family, ctx)
+        originals = snapshot_weights(model, family) if self.cfg.get("update", False) else {}
+        info = self.apply(model, family, plans, ctx)
+        if originals:
+            info["update"] = self.update(model, family, plans, originals, ctx)
+        return info
+
+    def apply(
+        self,
+        model: nn.Module,
+        family: FamilyAdapter,
+        plans: list[GroupPlan],
+        ctx: CompressionContext,
+    ) -> dict:
+        """Scale, decompose and truncate every group of ``plans``; replace the projections."""
+        layers = family.layers(model)
+        fallbacks: list[dict] = []
+        factors = []
+        for plan in tqdm(plans, desc=f"{self.name}: decompose", unit="group", leave=False):
+            dec = self.decomposition(layers, family, plan, ctx)
+            if dec.shift:
+                fallbacks.append(
+                    {"kind": plan.kind, "layers": list(plan.layers), "shift": dec.shift}
+                )
+            factors.append((plan, dec.truncate(plan.rank)))
+        dense_total = dense_projection_weights(model, family)
+        # Surgery only after every decomposition: each one reads the original weights.
+        for plan, (basis, coefficients) in factors:
+            install(model, layers, family, plan, basis, coefficients)
+        shared, private = self.kinds(family)
+        return {
+            "group_size": self.group_size(),
+            "shared_kinds": list(shared),
+            "private_kinds": list(private),
+            "groups": [p.as_dict() for p in plans],
+            "planned_params": planned_params(plans, dense_total),
+            "whitening_fallbacks": len(fallbacks),
+            "whitening_fallback_groups": fallbacks,
+        }
+
+    def decomposition(self, layers, family, plan: GroupPlan, ctx: CompressionContext):
+        """The group's SVD; reused from the in-process cache when the run is keyed."""
+        device = ctx.device
+
+        def compute() -> SharedDecomposition:
+            S, shift = self.scaling(plan, family, ctx.stats or {}, device)
+            weights = [family.weight(layers[i], plan.kind).detach().to(device) for i in plan.layers]
+            return decompose_shared(weights, S, shift)
+
+        run_key = ctx.extras.get("cache_key")
+        if run_key is None:
+            return compute()
+        key = (run_key, self.name, self.cache_tag(), plan.kind, plan.layers)
+        budget = self.cfg.get("decomposition_cache_mb", 0)
+        return DECOMPOSITIONS.get(key, compute, budget).to(device)
+
+
+def install(model, layers, family, plan: GroupPlan, basis, coefficients) -> None:
+    """Replace the projections of ``plan``'s layers by the factorised modules."""
+    reference = family.module(layers[plan.layers[0]], plan.kind)
+    dtype = reference.weight.dtype
+    registry, key = None, None
+    if plan.shared:
+        registry = shared_bases(model)
+        key = f"{plan.kind}_g{plan.index}"
+        registry[key] = basis_linear(basis, dtype)
+    for member, coefficient in zip(plan.layers, coefficients, strict=True):
+        bias = family.bias(layers[member], plan.kind)
+        coeff = coefficient_linear(coefficient, bias, dtype)
+        if registry is not None:
+            new: nn.Module = SharedBasisLinear(registry, key, coeff)
+        else:
+            new = LowRankLinear(basis_linear(basis, dtype), coeff)
+        family.set_module(layers[member], plan.kind, new)
+
+
+def snapshot_weights(
+    model: nn.Module, family: FamilyAdapter
+) -> dict[tuple[int, str], torch.Tensor]:
+    """Copies of every projection's W (d_in, d_out) on the CPU, for a later refit."""
+    return {
+        (i, kind): family.weight(layer, kind).detach().to("cpu", copy=True)
+        for i, layer in enumerate(family.layers(model))
+        for kind in family.kinds
+    }
+
+
+def current_basis(module: nn.Module) -> torch.Tensor:
+    """B (d_in, k) of a compressed projection."""
+    return module.basis.weight.detach().T

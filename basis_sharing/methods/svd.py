@@ -1,0 +1,28 @@
+"""Plain truncated SVD (method-spec.md 3.1): no data, rank from the same parameter budget."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from basis_sharing.methods.factorized import FactorizedMethod
+from basis_sharing.methods.plan import GroupPlan
+from basis_sharing.methods.registry import register_method
+from basis_sharing.models.families import FamilyAdapter
+
+
+@register_method("svd")
+class SVD(FactorizedMethod):
+    """W ~ U_k Sigma_k V_k^T per projection, k = floor(d_in d_out (1 - p) / (d_in + d_out)).
+
+    The identity scaling makes the shared machinery compute exactly the Eckart-Young optimum.
+    """
+
+    def scaling(
+        self, plan: GroupPlan, family: FamilyAdapter, stats: dict[str, Any], device: torch.device
+    ) -> tuple[torch.Tensor, float]:
+        return torch.eye(plan.d_in, dtype=torch.float64, device=device), 0.0
+
+    def cache_tag(self) -> tuple:
+        return ("identity",)

@@ -1,0 +1,113 @@
+"""The deviated-input updates: least-squares refits that never increase their own objective."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from omegaconf import OmegaConf
+
+from basis_sharing.calibration.grams import collect_grams
+from basis_sharing.config import BasisSharingMethodConfig, WhitenedSVDMethodConfig
+from basis_sharing.linalg.factorization import concat_weights
+from basis_sharing.linalg.refit import output_error, refit_coefficients
+from basis_sharing.methods.basis_sharing import SVDLLM, BasisSharing
+from basis_sharing.methods.registry import CompressionContext
+from basis_sharing.models.families import family_for_model_type
+
+F64 = torch.float64
+CPU = torch.device("cpu")
+
+
+def test_refit_is_the_least_squares_solution():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 10, generator=g, dtype=F64)
+    basis = torch.randn(10, 4, generator=g, dtype=F64)
+    w = torch.randn(10, 14, generator=g, dtype=F64)
+    c = refit_coefficients(basis, x.T @ x, w)
+    oracle = torch.linalg.lstsq(x @ basis, x @ w).solution
+    torch.testing.assert_close(c, oracle, rtol=0, atol=1e-10)
+    assert output_error(x.T @ x, w, basis @ c) == pytest.approx(
+        float(torch.linalg.matrix_norm(x @ w - x @ basis @ c)), rel=1e-9
+    )
+
+
+def test_refit_survives_a_basis_the_inputs_never_excite():
+    x = torch.randn(100, 6, dtype=F64)
+    x[:, 5] = 0.0
+    basis = torch.zeros(6, 2, dtype=F64)
+    basis[5, 0] = 1.0  # lives only on the dead feature
+    basis[0, 1] = 1.0
+    c = refit_coefficients(basis, x.T @ x, torch.randn(6, 3, dtype=F64))
+    assert torch.isfinite(c).all()
+
+
+def setup(method_cls, schema, family_name="llama", **kw):
+    model = make_tiny_model(family_name, dtype=F64)
+    family = family_for_model_type(model.config.model_type)
+    ids = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(1))
+    stats = collect_grams(model, family, ids, 4, F64)
+    cfg = OmegaConf.merge(OmegaConf.structured(schema), {"name": method_cls.name, **kw})
+    ctx = CompressionContext(
+        ratio=0.5, device=CPU, calibration_ids=ids, calib_batch_size=4, stats={"gram": stats}
+    )
+    ctx.extras["gram_dtype"] = F64
+    return model, family, method_cls(cfg), ctx
+
+
+def coefficients(model, family):
+    return {
+        (i, k): family.module(layer, k).coefficient.weight.detach().clone()
+        for i, layer in enumerate(family.layers(model))
+        for k in family.kinds
+    }
+
+
+@pytest.mark.parametrize("family_name", ["llama", "opt", "gpt2"])
+def test_basis_sharing_update_solves_the_deviated_least_squares(family_name):
+    plain, family, method, ctx = setup(BasisSharing, BasisSharingMethodConfig, family_name)
+    originals = {
+        (i, k): family.weight(layer, k).detach().clone()
+        for i, layer in enumerate(family.layers(plain))
+        for k in family.kinds
+    }
+    method.compress(plain, family, ctx)
+    deviated = collect_grams(plain, family, ctx.calibration_ids, 4, F64)  # inputs X^ of plain
+
+    updated, _, method_u, ctx_u = setup(
+        BasisSharing, BasisSharingMethodConfig, family_name, update=True
+    )
+    info = method_u.compress(updated, family, ctx_u)["update"]
+    assert info["mode"] == "single_pass" and info["error_after"] <= info["error_before"]
+    layers = family.layers(updated)
+    for group in info["groups"]:
+        assert group["error_after"] <= group["error_before"] * (1 + 1e-9) + 1e-12
+        members, kind = group["layers"], group["kind"]
+        basis = family.module(layers[members[0]], kind).basis.weight.detach().T
+        gram = deviated.group_gram(members, family.projection(kind).input)
+        oracle = refit_coefficients(
+            basis, gram, concat_weights([originals[(i, kind)] for i in members])
+        )
+        got = torch.cat(
+            [family.module(layers[i], kind).coefficient.weight.detach().T for i in members], dim=1
+        )
+        torch.testing.assert_close(got, oracle, rtol=0, atol=1e-8)
+
+
+def test_svd_llm_update_is_sequential():
+    plain, family, method, ctx = setup(SVDLLM, WhitenedSVDMethodConfig, eps=7e-6)
+    method.compress(plain, family, ctx)
+    before = coefficients(plain, family)
+    updated, _, method_u, ctx_u = setup(SVDLLM, WhitenedSVDMethodConfig, eps=7e-6, update=True)
+    info = method_u.compress(updated, family, ctx_u)["update"]
+    after = coefficients(updated, family)
+    assert info["mode"] == "sequential"
+    assert len(info["groups"]) == 4 * len(family.kinds)
+    for group in info["groups"]:
+        assert group["error_after"] <= group["error_before"] * (1 + 1e-9) + 1e-12
+    # Layer 0's q/k/v see the original inputs, where the whitened truncation already is the
+    # least-squares optimum: the refit leaves them unchanged. Later layers move.
+    for kind in ("q", "k", "v"):
+        torch.testing.assert_close(after[(0, kind)], before[(0, kind)], rtol=0, atol=1e-8)
+    assert not torch.allclose(after[(3, "down")], before[(3, "down")], atol=1e-6)
+    assert info["error_after"] < info["error_before"]
