@@ -171,6 +171,8 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto = cuda when available, else cpu
     offline: bool = False  # never contact the hub, even when a file is missing locally
+    save_model: bool = False  # save the compressed model to <run dir>/compressed_model
+    load_model: str | None = None  # evaluate a saved compressed model (with method=none)
 
 
 OPTION_SCHEMAS: dict[str, dict[str, type]] = {

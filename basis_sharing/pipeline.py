@@ -28,8 +28,15 @@ from basis_sharing.evaluation.params import dense_projection_weights, parameter_
 from basis_sharing.evaluation.perplexity import PPL_SPLITS, perplexity
 from basis_sharing.methods import get_method
 from basis_sharing.methods.registry import CompressionContext, CompressionMethod
+from basis_sharing.models.compressed_io import load_compressed, read_manifest, save_compressed
 from basis_sharing.models.families import get_family
-from basis_sharing.models.loading import load_model, load_tokenizer, resolve_source, torch_dtype
+from basis_sharing.models.loading import (
+    ModelSource,
+    load_model,
+    load_tokenizer,
+    resolve_source,
+    torch_dtype,
+)
 from basis_sharing.tracking.record import RunRecord, summary_table
 
 log = logging.getLogger(__name__)
@@ -78,6 +85,19 @@ def validate(cfg: DictConfig) -> Plan:
     torch_dtype(cfg.model.dtype)
     if cfg.model.family is not None:
         get_family(cfg.model.family)
+    if cfg.load_model is not None:
+        if method.compresses:
+            raise ConfigError(
+                f"load_model={cfg.load_model} evaluates a saved compressed model; use method=none "
+                f"(not method={cfg.method.name})."
+            )
+        manifest, _ = read_manifest(Path(cfg.load_model).expanduser())
+        saved_from = manifest.get("info", {}).get("model_name")
+        if saved_from is not None and saved_from != cfg.model.name:
+            raise ConfigError(
+                f"load_model={cfg.load_model} was compressed from model={saved_from}; pass "
+                f"model={saved_from} so the evaluation uses that model's settings."
+            )
     if method.needs_calibration:
         if cfg.calibration.dataset is None:
             raise ConfigError(
@@ -211,15 +231,29 @@ def execute(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
         record["data"]["eval"] = {n: c.provenance() for n, c in evals.items()}
         record["data"]["calibration"] = calib.provenance() if calib else None
     with record.stage("model_source"):
-        source = resolve_source(cfg.model, cfg.paths.cache_dir, cfg.offline)
-        tokenizer = load_tokenizer(source)
-        record["model"].update(source.provenance)
+        if cfg.load_model is not None:
+            source = None
+            saved = Path(cfg.load_model).expanduser()
+            manifest, _ = read_manifest(saved)
+            tokenizer = load_tokenizer(ModelSource(saved))
+            record["model"].update(manifest["info"].get("base_model", {}), loaded_from=str(saved))
+        else:
+            source = resolve_source(cfg.model, cfg.paths.cache_dir, cfg.offline)
+            tokenizer = load_tokenizer(source)
+            record["model"].update(source.provenance)
     with record.stage("tokenize"):
         eval_ids, calib_ids = tokenize_corpora(cfg, tokenizer, evals, calib, record)
     with record.stage("load_model", plan.device):
-        model, family = load_model(cfg.model, source, plan.device)
+        if source is None:
+            loaded = load_compressed(saved, plan.device)
+            model, family = loaded.model, loaded.family
+            record["loaded_compression"] = loaded.manifest["info"]
+            record["target_ratio"] = loaded.manifest["info"].get("target_ratio")
+            dense = dense_weights_of(model, family, loaded.manifest["layout"])
+        else:
+            model, family = load_model(cfg.model, source, plan.device)
+            dense = dense_projection_weights(model, family)
         record["model"]["family"] = family.name
-        dense = dense_projection_weights(model, family)
     ctx = CompressionContext(
         ratio=cfg.ratio,
         device=plan.device,
@@ -241,6 +275,9 @@ def execute(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
         record["params"]["planned_decoder_projections"] = planned["kept"]
     if plan.method.compresses:
         check_ratio(record["params"], cfg.ratio, cfg.ratio_tolerance)
+    if cfg.save_model:
+        with record.stage("save_model"):
+            record["saved_model"] = str(save_model(cfg, model, family, tokenizer, record))
     batch_size = cfg.eval.batch_size or cfg.model.eval_batch_size
     results = record["metrics"].setdefault("perplexity", {})
     with record.stage("perplexity", plan.device):
@@ -262,6 +299,39 @@ def execute(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
                 result.n_windows,
             )
             record.write()
+
+
+def save_model(cfg: DictConfig, model, family, tokenizer, record: RunRecord) -> Path:
+    """Write the compressed model next to results.json, with what produced it."""
+    info = {
+        "model_name": cfg.model.name,
+        "method": cfg.method.name,
+        "method_config": OmegaConf.to_container(cfg.method, resolve=True),
+        "target_ratio": record["target_ratio"],
+        "base_model": record["model"],
+        "params": record["params"],
+        "method_info": record["method_info"],
+        "calibration": record.data.get("calibration"),
+        "hashes": record["hashes"],
+        "git": record["environment"]["git"],
+    }
+    return save_compressed(
+        model, record.out_dir / "compressed_model", family=family, tokenizer=tokenizer, info=info
+    )
+
+
+def dense_weights_of(model, family, layout: list[dict]) -> int:
+    """Uncompressed projection weights of a loaded model: compressed entries from the layout."""
+    compressed = {(e["layer"], e["kind"]): e["d_in"] * e["d_out"] for e in layout}
+    total = 0
+    for i, layer in enumerate(family.layers(model)):
+        for kind in family.kinds:
+            if (i, kind) in compressed:
+                total += compressed[(i, kind)]
+            else:
+                d_in, d_out = family.shape(layer, kind)
+                total += d_in * d_out
+    return total
 
 
 def hydra_context() -> dict[str, Any]:

@@ -353,3 +353,40 @@ def test_updates_run_end_to_end(tiny_model_dir, tiny_mirror, tmp_path):
     for r in records:
         update = r["method_info"]["update"]
         assert update["error_after"] <= update["error_before"]
+
+
+def test_save_then_evaluate_the_saved_model(tiny_model_dir, tiny_mirror, tmp_path):
+    """save_model=true, then load_model=<dir> method=none gives the same perplexities."""
+    common = [
+        *tiny_args(tiny_model_dir, tiny_mirror, tmp_path, method=None),
+        f"paths.cache_dir={tmp_path}/cache",
+        "calibration=wikitext2_cpu",
+        "calibration.n_samples=8",
+        "calibration.seq_len=32",
+        "ratio_tolerance=0.05",
+    ]
+    proc = run_py(
+        *common,
+        "method=basis_sharing",
+        "ratio=0.3",
+        "save_model=true",
+        f"hydra.run.dir={tmp_path}/save",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((tmp_path / "save" / "results.json").read_text())
+    directory = Path(saved["saved_model"])
+    assert (directory / "compression.json").is_file() and "save_model" in saved["stages"]
+    proc = run_py(
+        *common, "method=none", f"load_model={directory}", f"hydra.run.dir={tmp_path}/load"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads((tmp_path / "load" / "results.json").read_text())
+    assert loaded["model"]["loaded_from"] == str(directory) and loaded["target_ratio"] == 0.3
+    assert loaded["params"] == {
+        k: v for k, v in saved["params"].items() if k != "planned_decoder_projections"
+    }
+    assert loaded["metrics"]["perplexity"] == saved["metrics"]["perplexity"]
+    assert loaded["hashes"]["eval"] == saved["hashes"]["eval"]
+    # A compressing method cannot be combined with load_model.
+    proc = run_py(*common, "method=svd", f"load_model={directory}", f"hydra.run.dir={tmp_path}/x")
+    assert_clean_failure(proc, "use method=none")

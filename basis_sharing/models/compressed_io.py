@@ -1,0 +1,506 @@
+"""Save and load compressed models as safetensors plus a JSON manifest (never a pickle).
+
+The reference code saves a torch pickle because safetensors rejects the duplicate keys of its
+shared bases (method-spec.md 1.7). Here every shared basis is registered once in
+``model.shared_bases``, so ``safetensors.torch.save_model`` stores each tensor once. What the
+state dict cannot say (which projections were replaced, by which module, with which rank and
+basis) goes into ``compression.json``; loading rebuilds the module tree from that layout on the
+meta device and assigns the saved tensors, so the dense model is never materialised.
+
+A directory holds ``model.safetensors``, ``compression.json``, the base model's ``config.json``,
+``generation_config.json`` when the model has one, and the tokenizer files when given.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from basis_sharing.errors import UserError
+from basis_sharing.models.families import FAMILIES, FamilyAdapter, get_family
+from basis_sharing.models.loading import torch_dtype
+from basis_sharing.modules import SHARED_BASES, LowRankLinear, SharedBasisLinear, shared_bases
+from basis_sharing.tracking.environment import package_versions
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "compression.json"
+WEIGHTS = "model.safetensors"
+REQUIRED_KEYS = ("format_version", "family", "layout", "weights_sha256")
+ENTRY_KEYS = ("layer", "kind", "type", "rank", "d_in", "d_out", "bias", "basis_key")
+LOWRANK, SHARED = "lowrank", "shared"
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+_PACKAGES = ("torch", "transformers", "safetensors", "basis-sharing")
+
+
+class CompressedModelError(UserError):
+    """A compressed-model directory cannot be written or read back as it is."""
+
+
+@dataclass
+class LoadedCompressed:
+    """What ``load_compressed`` returns: the model ready for evaluation and how it was made."""
+
+    model: nn.Module
+    family: FamilyAdapter
+    tokenizer: Any | None
+    manifest: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_compressed(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    family: FamilyAdapter,
+    tokenizer: Any | None = None,
+    info: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (compressed in place by a method) so that ``load_compressed`` rebuilds it.
+
+    Everything is written into a temporary sibling directory first and moved into place at the
+    end, so an interrupted save never leaves a directory that looks complete.
+
+    Args:
+        info: what produced the model (method, ratio, groups, base model id and revision...),
+            stored verbatim in compression.json; it must be JSON-serialisable.
+        overwrite: replace ``directory`` when it is a non-empty compressed-model directory.
+    Returns:
+        The directory written.
+    """
+    target = Path(directory).expanduser()
+    _check_target(target, overwrite)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "family": family.name,
+        "layout": compressed_layout(model, family),
+        "info": info or {},
+    }
+    _check_serialisable(manifest["info"])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        _write_files(model, staging, tokenizer, manifest)
+        _move_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info(
+        "Saved compressed %s model (%d compressed projections) to %s",
+        family.name,
+        len(manifest["layout"]),
+        target,
+    )
+    return target
+
+
+def compressed_layout(model: nn.Module, family: FamilyAdapter) -> list[dict[str, Any]]:
+    """One entry per compressed projection, in layer then kind order; dense ones are absent."""
+    registry = getattr(model, SHARED_BASES, None)
+    layout: list[dict[str, Any]] = []
+    for index, layer in enumerate(family.layers(model)):
+        for kind in family.kinds:
+            module = family.module(layer, kind)
+            if isinstance(module, LowRankLinear | SharedBasisLinear):
+                layout.append(_layout_entry(index, kind, module, registry))
+            elif not _is_dense_projection(module):
+                raise CompressedModelError(
+                    f"Cannot save layer {index} projection '{kind}': its module "
+                    f"{type(module).__name__} is neither a dense projection nor one of "
+                    "LowRankLinear/SharedBasisLinear, so it could not be rebuilt on loading."
+                )
+    _check_registry_is_used(registry, layout)
+    return layout
+
+
+def _layout_entry(
+    index: int, kind: str, module: nn.Module, registry: nn.ModuleDict | None
+) -> dict[str, Any]:
+    shared = isinstance(module, SharedBasisLinear)
+    if shared and (module._registry is not registry or module.basis_key not in registry):
+        raise CompressedModelError(
+            f"Layer {index} projection '{kind}' uses basis '{module.basis_key}' that is not in "
+            f"model.{SHARED_BASES}; it would not be saved. Build shared layers with "
+            "basis_sharing.modules.shared_bases(model) as the registry."
+        )
+    return {
+        "layer": index,
+        "kind": kind,
+        "type": SHARED if shared else LOWRANK,
+        "rank": module.rank,
+        "d_in": module.basis.in_features,
+        "d_out": module.coefficient.out_features,
+        "bias": module.coefficient.bias is not None,
+        "basis_key": module.basis_key if shared else None,
+    }
+
+
+def _is_dense_projection(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, nn.Linear | Conv1D)
+
+
+def _check_registry_is_used(registry: nn.ModuleDict | None, layout: list[dict]) -> None:
+    """A basis no layer references would be saved but could not be placed on loading."""
+    used = {e["basis_key"] for e in layout if e["type"] == SHARED}
+    unused = sorted(set(registry or {}) - used)
+    if unused:
+        raise CompressedModelError(
+            f"model.{SHARED_BASES} holds bases that no projection uses: {unused}. Remove them "
+            "before saving."
+        )
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    """Refuse to clobber anything that is not an earlier compressed model we may replace."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise CompressedModelError(f"Cannot save a compressed model to {target}: not a directory.")
+    if not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise CompressedModelError(
+            f"Cannot save a compressed model to {target}: the directory is not empty. Choose "
+            "another directory or pass overwrite=True to replace a compressed model saved there."
+        )
+    if not (target / MANIFEST).is_file():
+        raise CompressedModelError(
+            f"Refusing to overwrite {target}: it is not empty and holds no {MANIFEST}, so it is "
+            "not a compressed-model directory. Its contents would be deleted; choose another one."
+        )
+
+
+def _check_serialisable(info: Any) -> None:
+    try:
+        json.dumps(info)
+    except (TypeError, ValueError) as err:
+        raise CompressedModelError(
+            f"save_compressed(info=...) must be JSON-serialisable (plain dicts, lists, strings, "
+            f"numbers): {err}. Convert OmegaConf nodes with OmegaConf.to_container."
+        ) from err
+
+
+def _write_files(model: nn.Module, out: Path, tokenizer: Any | None, manifest: dict) -> None:
+    from safetensors.torch import save_model
+
+    save_model(model, str(out / WEIGHTS), metadata={"format": "pt"})
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights saved here are plain tensors
+    config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    manifest["weights_sha256"] = file_sha256(out / WEIGHTS)
+    manifest["packages"] = package_versions(_PACKAGES)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Replace ``target`` by ``staging``; the old contents are removed only after the move."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+        target.rename(old)
+    staging.rename(target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_compressed(
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> LoadedCompressed:
+    """Rebuild a model written by ``save_compressed``, in eval mode, on ``device``.
+
+    The manifest and the checksum of the weights are checked before any model is built. The
+    skeleton is created on the meta device (buffers such as RoPE's ``inv_freq`` are computed for
+    real, they are not saved), the compressed modules are installed from the layout, and the saved
+    tensors are assigned in place, so peak memory is about the size of the compressed weights.
+
+    Args:
+        dtype: cast floating-point weights to it, a torch dtype or a model.dtype name such as
+            "bfloat16" (default: keep the saved dtype). Buffers keep the dtype from_config gives
+            them, as with from_pretrained.
+    """
+    if isinstance(dtype, str):
+        dtype = torch_dtype(dtype)
+    path = Path(directory).expanduser()
+    manifest, family = read_manifest(path)
+    verify_weights(path, manifest)
+    config = _read_config(path, family)
+    model = build_skeleton(config, family, manifest["layout"])
+    state = _read_weights(path, device, dtype)
+    load_weights(model, state)
+    _load_generation_config(model, path)
+    model.to(device).eval()
+    tokenizer = _load_tokenizer(path)
+    log.info("Loaded compressed %s model from %s", family.name, path)
+    return LoadedCompressed(model=model, family=family, tokenizer=tokenizer, manifest=manifest)
+
+
+def read_manifest(path: Path) -> tuple[dict[str, Any], FamilyAdapter]:
+    """Parse and validate compression.json; any problem names the file and what is wrong."""
+    file = path / MANIFEST
+    if not file.is_file():
+        raise CompressedModelError(
+            f"{file} not found: {path} is not a directory written by save_compressed."
+        )
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CompressedModelError(f"{file} is not valid JSON: {err}.") from err
+    if not isinstance(manifest, dict):
+        kind = type(manifest).__name__
+        raise CompressedModelError(f"{file} must hold a JSON object, not a {kind}.")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise CompressedModelError(f"{file} lacks the required key(s) {missing}.")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise CompressedModelError(
+            f"{file} has format_version {manifest['format_version']!r}; this version of "
+            f"basis-sharing reads format_version {FORMAT_VERSION}. Load it with the version that "
+            f"wrote it (see 'packages' in {MANIFEST})."
+        )
+    if manifest["family"] not in FAMILIES:
+        raise CompressedModelError(
+            f"{file} names the unknown model family {manifest['family']!r}. Valid choices: "
+            f"{', '.join(sorted(FAMILIES))}."
+        )
+    family = get_family(manifest["family"])
+    sha = manifest["weights_sha256"]
+    if not (isinstance(sha, str) and len(sha) == 64):
+        raise CompressedModelError(f"{file}: weights_sha256 must be a 64-digit hex string.")
+    problems = layout_problems(manifest["layout"], family)
+    if problems:
+        raise CompressedModelError(f"{file} has a malformed layout:\n  " + "\n  ".join(problems))
+    manifest.setdefault("info", {})
+    return manifest, family
+
+
+def layout_problems(layout: Any, family: FamilyAdapter) -> list[str]:
+    """Everything wrong with a layout (empty when it is well formed), at most 20 lines."""
+    if not isinstance(layout, list):
+        return [f"'layout' must be a list, not {type(layout).__name__}"]
+    problems: list[str] = []
+    seen: set[tuple[int, str]] = set()
+    bases: dict[str, tuple[int, int]] = {}
+    for i, entry in enumerate(layout):
+        entry_problems = _entry_problems(entry, family)
+        problems += [f"layout[{i}]: {p}" for p in entry_problems]
+        if entry_problems:
+            continue
+        where = (entry["layer"], entry["kind"])
+        if where in seen:
+            problems.append(f"layout[{i}]: layer {where[0]} kind '{where[1]}' appears twice")
+        seen.add(where)
+        if entry["type"] == SHARED:
+            shape = bases.setdefault(entry["basis_key"], (entry["d_in"], entry["rank"]))
+            if shape != (entry["d_in"], entry["rank"]):
+                problems.append(
+                    f"layout[{i}]: basis '{entry['basis_key']}' has (d_in, rank) "
+                    f"{(entry['d_in'], entry['rank'])} here but {shape} in an earlier entry"
+                )
+    return problems[:20]
+
+
+def _entry_problems(entry: Any, family: FamilyAdapter) -> list[str]:
+    if not isinstance(entry, dict):
+        return [f"must be an object, not {type(entry).__name__}"]
+    missing = [k for k in ENTRY_KEYS if k not in entry]
+    if missing:
+        return [f"lacks the key(s) {missing}"]
+    problems = []
+    for key, minimum in (("layer", 0), ("rank", 1), ("d_in", 1), ("d_out", 1)):
+        value = entry[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            problems.append(f"'{key}' must be an integer >= {minimum}, got {value!r}")
+    if entry["kind"] not in family.kinds:
+        problems.append(f"unknown kind {entry['kind']!r} for family {family.name} {family.kinds}")
+    if not isinstance(entry["bias"], bool):
+        problems.append(f"'bias' must be true or false, got {entry['bias']!r}")
+    if entry["type"] == SHARED:
+        if not (isinstance(entry["basis_key"], str) and entry["basis_key"]):
+            problems.append(f"a shared entry needs a basis_key, got {entry['basis_key']!r}")
+    elif entry["type"] == LOWRANK:
+        if entry["basis_key"] is not None:
+            problems.append(f"a lowrank entry has no basis_key, got {entry['basis_key']!r}")
+    else:
+        problems.append(f"'type' must be '{LOWRANK}' or '{SHARED}', got {entry['type']!r}")
+    return problems
+
+
+def verify_weights(path: Path, manifest: dict[str, Any]) -> None:
+    """The weights must be the bytes that were saved: a flipped byte would load silently."""
+    file = path / WEIGHTS
+    if not file.is_file():
+        raise CompressedModelError(f"{file} not found; the compressed model is incomplete.")
+    actual = file_sha256(file)
+    if actual != manifest["weights_sha256"]:
+        raise CompressedModelError(
+            f"{file} does not match the checksum in {path / MANIFEST} (weights_sha256 "
+            f"{manifest['weights_sha256']}, file has {actual}): the file is corrupted or was "
+            "changed after saving. Save the model again."
+        )
+
+
+def _read_config(path: Path, family: FamilyAdapter):
+    from transformers import AutoConfig
+
+    file = path / "config.json"
+    if not file.is_file():
+        raise CompressedModelError(f"{file} not found; the compressed model is incomplete.")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise CompressedModelError(f"{file} cannot be read as a model config: {err}") from err
+    if config.model_type not in family.model_types:
+        raise CompressedModelError(
+            f"{file} describes a '{config.model_type}' model but {path / MANIFEST} names the "
+            f"family '{family.name}' ({', '.join(family.model_types)})."
+        )
+    return config
+
+
+def build_skeleton(config, family: FamilyAdapter, layout: list[dict[str, Any]]) -> nn.Module:
+    """The model with every parameter on the meta device and the layout's modules installed."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    # Tying inside init_empty_weights re-wraps the shared Parameter into a new one, so the tie of
+    # from_config is lost there; tie outside it (per the config) so the aliases are known below.
+    model.tie_weights()
+    layers = family.layers(model)
+    for entry in layout:
+        if entry["layer"] >= len(layers):
+            raise CompressedModelError(
+                f"{MANIFEST} lists layer {entry['layer']} but the model in config.json has "
+                f"{len(layers)} decoder layers."
+            )
+        family.set_module(layers[entry["layer"]], entry["kind"], _meta_module(model, entry))
+    return model
+
+
+def _meta_module(model: nn.Module, entry: dict[str, Any]) -> nn.Module:
+    """An empty LowRankLinear / SharedBasisLinear of the entry's shapes (weights come later)."""
+    meta = torch.device("meta")
+    d_in, rank, d_out = entry["d_in"], entry["rank"], entry["d_out"]
+    coefficient = nn.Linear(rank, d_out, bias=entry["bias"], device=meta)
+    if entry["type"] == LOWRANK:
+        return LowRankLinear(nn.Linear(d_in, rank, bias=False, device=meta), coefficient)
+    registry = shared_bases(model)
+    key = entry["basis_key"]
+    if key not in registry:
+        registry[key] = nn.Linear(d_in, rank, bias=False, device=meta)
+    return SharedBasisLinear(registry, key, coefficient)
+
+
+def _read_weights(
+    path: Path, device: str | torch.device, dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state = load_file(path / WEIGHTS, device=str(torch.device(device)))
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return state
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Assign the saved tensors to the skeleton; names and shapes must match exactly.
+
+    safetensors stores one name per set of aliased parameters (a tied lm_head and embedding), so
+    the other names are filled from it and re-tied afterwards to keep one shared Parameter.
+    """
+    aliases = _alias_groups(model)
+    for names in aliases:
+        present = [n for n in names if n in state]
+        for name in names:
+            if present and name not in state:
+                state[name] = state[present[0]]
+    _check_state_matches(model, state)
+    model.load_state_dict(state, strict=False, assign=True)
+    for names in aliases:
+        first = model.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, first)
+    on_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise CompressedModelError(f"{WEIGHTS} leaves these tensors without a value: {on_meta}")
+
+
+def _alias_groups(model: nn.Module) -> list[list[str]]:
+    """Names of parameters that are one Parameter object (tied weights), two or more per group."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _check_state_matches(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Report missing, unexpected and mis-shaped tensors instead of a torch traceback."""
+    expected = model.state_dict()
+    buffers = {n for n, _ in model.named_buffers()}
+    problems = [
+        f"{name}: {WEIGHTS} has shape {tuple(state[name].shape)}, the layout in {MANIFEST} "
+        f"expects {tuple(tensor.shape)}"
+        for name, tensor in expected.items()
+        if name in state and state[name].shape != tensor.shape
+    ]
+    missing = [n for n in expected if n not in state and n not in buffers]
+    unexpected = [n for n in state if n not in expected]
+    if missing:
+        problems.append(f"missing from {WEIGHTS}: {missing[:10]}")
+    if unexpected:
+        problems.append(f"in {WEIGHTS} but not in the described model: {unexpected[:10]}")
+    if problems:
+        raise CompressedModelError(
+            f"{WEIGHTS} does not fit the model described by config.json and {MANIFEST} (was "
+            "compression.json edited?):\n  " + "\n  ".join(problems[:20])
+        )
+
+
+def _load_generation_config(model: nn.Module, path: Path) -> None:
+    if (path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
+
+
+def _load_tokenizer(path: Path):
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
