@@ -33,7 +33,6 @@ download failed (argparse usage errors also exit 2).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -61,6 +60,7 @@ from basis_sharing.data.corpora import (  # noqa: E402
     load_hub_rows,
 )
 from basis_sharing.errors import HubUnreachableError  # noqa: E402
+from basis_sharing.hashing import file_sha256  # noqa: E402
 from basis_sharing.hub import hub_available  # noqa: E402
 
 log = logging.getLogger("prepare_data")
@@ -347,11 +347,6 @@ def write_files(root: Path, files: Sequence[MirrorFile]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def mirror_paths(root: Path) -> list[str]:
     """Every file under ``root`` (POSIX, relative), except the manifest and temporary files."""
     return sorted(
@@ -364,7 +359,7 @@ def mirror_paths(root: Path) -> list[str]:
 def build_manifest(root: Path) -> dict[str, dict[str, Any]]:
     """Relative path -> {"bytes", "sha256"} for every file of the mirror."""
     return {
-        rel: {"bytes": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
+        rel: {"bytes": (root / rel).stat().st_size, "sha256": file_sha256(root / rel)}
         for rel in mirror_paths(root)
     }
 
@@ -392,7 +387,7 @@ def verify_manifest(root: Path) -> list[str]:
         size = (root / rel).stat().st_size
         if size != entry["bytes"]:
             problems.append(f"{rel}: {size} bytes, manifest says {entry['bytes']}")
-        elif sha256_file(root / rel) != entry["sha256"]:
+        elif file_sha256(root / rel) != entry["sha256"]:
             problems.append(f"{rel}: sha256 differs from the manifest")
     problems += [f"{rel}: not in the manifest" for rel in sorted(present - expected.keys())]
     return problems

@@ -29,6 +29,21 @@ _WORDS = (
 ).split()
 
 
+def compose_config(*overrides: str):
+    """The run config composed from conf/ with ``overrides``, as run.py would see it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import basis_sharing.config  # noqa: F401  (registers the schemas and resolvers)
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+            return compose("config", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def synthetic_lines(n: int, seed: int) -> list[str]:
     """Deterministic sentences over a small vocabulary (enough to train and test tokenizers)."""
     rng = random.Random(seed)

@@ -179,3 +179,24 @@ def test_asvd_sensitivity_meets_the_target_and_records_ranks():
     assert all(len(row) == 6 for row in info["sensitivity_ppl"].values())
     ranks = {(g["layers"][0], g["kind"]): g["rank"] for g in info["groups"]}
     assert len(set(ranks.values())) > 1  # not uniform: sensitivity moved the budget around
+
+
+def test_asvd_sensitivity_is_measured_once_per_sweep(monkeypatch):
+    from basis_sharing.methods import asvd
+
+    calls = []
+    original = asvd.ASVD.sensitivity
+    monkeypatch.setattr(
+        asvd.ASVD, "sensitivity", lambda self, *a: calls.append(1) or original(self, *a)
+    )
+    monkeypatch.setattr(asvd, "SENSITIVITY", {})
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(4))
+    ranks = []
+    for ratio in (0.3, 0.5):
+        model, family = tiny("llama")
+        c = ctx(ratio, scale=fake_scales(model, family))
+        c.calibration_ids, c.calib_batch_size = ids, 2
+        c.extras["cache_key"] = "sweep"
+        info = build(ASVD, ASVDMethodConfig, sensitivity_samples=2).compress(model, family, c)
+        ranks.append(info["planned_params"]["kept"])
+    assert len(calls) == 1 and ranks[1] < ranks[0]

@@ -141,15 +141,17 @@ def test_dead_neurons_whiten_without_nan():
 
 
 def test_sweep_reuses_the_decompositions():
-    DECOMPOSITIONS.clear()
+    DECOMPOSITIONS.clear()  # entries only: the counters are cumulative
     model, family, stats = setup("llama")
+    misses0, hits0 = DECOMPOSITIONS.misses, DECOMPOSITIONS.hits
     method().compress(model, family, _ctx(stats, key="k1"))
-    misses = DECOMPOSITIONS.misses
+    first = DECOMPOSITIONS.misses - misses0
+    assert first == 5 * 2 + 2 * 4 and DECOMPOSITIONS.hits == hits0  # 18 groups, all computed
     again = make_tiny_model("llama", dtype=torch.float64)
-    hits = DECOMPOSITIONS.hits
     ref = make_tiny_model("llama", dtype=torch.float64)
     method().compress(again, family, _ctx(stats, ratio=0.4, key="k1"))
-    assert DECOMPOSITIONS.misses == misses and DECOMPOSITIONS.hits - hits == misses
+    assert DECOMPOSITIONS.misses - misses0 == first  # nothing recomputed for the new ratio
+    assert DECOMPOSITIONS.hits - hits0 == first
     method().compress(ref, family, _ctx(stats, ratio=0.4))  # no key: computed afresh
     probe = torch.randint(0, 320, (1, 12))
     torch.testing.assert_close(logits(again, probe), logits(ref, probe), rtol=0, atol=1e-12)

@@ -6,33 +6,29 @@ import math
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from conftest import compose_config
 
-import basis_sharing.config  # noqa: F401
 from basis_sharing import pipeline
 from basis_sharing.data.corpora import load_corpus
 from basis_sharing.data.tokens import tokenize_text
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+
+def run_embedded(cache: Path, assets: Path, out: Path, *overrides: str) -> dict:
+    """The pipeline on SmolLM2 with 128-token windows, 2 per dataset, from a session cache."""
+    cfg = compose_config(
+        f"paths.data_dir={assets}",
+        f"paths.cache_dir={cache}",
+        "model.context_length=128",
+        "eval.max_windows=2",
+        *overrides,
+    )
+    return pipeline.run(cfg, out_dir=out)
 
 
 @pytest.mark.slow
 def test_dense_smollm2_on_real_text(embedded_cache, shared_assets, tmp_path):
     _, cache, model_dir, _ = embedded_cache
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose(
-            "config",
-            overrides=[
-                f"paths.data_dir={shared_assets}",
-                f"paths.cache_dir={cache}",
-                "model.context_length=128",
-                "eval.max_windows=2",
-            ],
-        )
-    GlobalHydra.instance().clear()
-    record = pipeline.run(cfg, out_dir=tmp_path)
+    record = run_embedded(cache, shared_assets, tmp_path, "method=dense")
     assert record["status"] == "completed" and (tmp_path / "results.json").is_file()
     assert record["model"]["source"] == "gguf-package" and record["model"]["cache_hit"]
     assert record["model"]["family"] == "llama"
@@ -57,21 +53,9 @@ def test_dense_smollm2_on_real_text(embedded_cache, shared_assets, tmp_path):
 def test_basis_sharing_smollm2_meets_its_ratio(embedded_cache, shared_assets, tmp_path):
     """The default job (Basis Sharing, 20 %) on the real model, with a small calibration set."""
     _, cache, _, _ = embedded_cache
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose(
-            "config",
-            overrides=[
-                f"paths.data_dir={shared_assets}",
-                f"paths.cache_dir={cache}",
-                "model.context_length=128",
-                "eval.max_windows=2",
-                "calibration.n_samples=8",
-                "calibration.seq_len=128",
-            ],
-        )
-    GlobalHydra.instance().clear()
-    record = pipeline.run(cfg, out_dir=tmp_path)
+    record = run_embedded(
+        cache, shared_assets, tmp_path, "calibration.n_samples=8", "calibration.seq_len=128"
+    )
     assert record["method"] == "basis_sharing" and record["status"] == "completed"
     params = record["params"]
     assert abs(params["achieved_ratio"] - 0.2) <= 0.005  # the real dims meet the 0.5 pp bound

@@ -6,13 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from conftest import compose_config
 
-import basis_sharing.config  # noqa: F401
 from basis_sharing import pipeline
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 pytestmark = [
     pytest.mark.gpu,
@@ -21,29 +17,23 @@ pytestmark = [
 
 
 def run_on(device: str, model_dir: Path, mirror: Path, out: Path, *extra: str) -> dict:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose(
-            "config",
-            overrides=[
-                "model=local",
-                f"model.local_path={model_dir}",
-                "model.context_length=64",
-                f"paths.data_dir={mirror}",
-                "eval.max_windows=4",
-                "eval.batch_size=2",
-                f"device={device}",
-                f"paths.cache_dir={out}/cache",
-                *extra,
-            ],
-        )
-    GlobalHydra.instance().clear()
+    cfg = compose_config(
+        "model=local",
+        f"model.local_path={model_dir}",
+        "model.context_length=64",
+        f"paths.data_dir={mirror}",
+        "eval.max_windows=4",
+        "eval.batch_size=2",
+        f"device={device}",
+        f"paths.cache_dir={out}/cache",
+        *extra,
+    )
     return pipeline.run(cfg, out_dir=out)
 
 
 def test_cuda_run_matches_cpu_and_records_cuda_peaks(tiny_model_dir, tiny_mirror, tmp_path):
-    cuda = run_on("cuda", tiny_model_dir, tiny_mirror, tmp_path / "cuda")
-    cpu = run_on("cpu", tiny_model_dir, tiny_mirror, tmp_path / "cpu")
+    cuda = run_on("cuda", tiny_model_dir, tiny_mirror, tmp_path / "cuda", "method=dense")
+    cpu = run_on("cpu", tiny_model_dir, tiny_mirror, tmp_path / "cpu", "method=dense")
     assert cuda["device"].startswith("cuda") and cuda["environment"]["cuda"]
     for stage in ("load_model", "compress", "perplexity"):
         assert "cuda_peak_mb" in cuda["stages"][stage]

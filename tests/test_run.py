@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from basis_sharing.data.corpora import load_corpus
@@ -200,25 +201,15 @@ class CalibrationProbe:
 
 
 def compose_tiny(model_dir: Path, mirror: Path, *overrides: str):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
-        cfg = compose(
-            "config",
-            overrides=[
-                "model=local",
-                f"model.local_path={model_dir}",
-                f"model.context_length={CONTEXT}",
-                f"paths.data_dir={mirror}",
-                "eval.max_windows=1",
-                "method.name=calibration_probe",
-                *overrides,
-            ],
-        )
-    GlobalHydra.instance().clear()
-    return cfg
+    return compose_config(
+        "model=local",
+        f"model.local_path={model_dir}",
+        f"model.context_length={CONTEXT}",
+        f"paths.data_dir={mirror}",
+        "eval.max_windows=1",
+        "method.name=calibration_probe",
+        *overrides,
+    )
 
 
 @pytest.fixture

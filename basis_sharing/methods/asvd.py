@@ -81,6 +81,9 @@ def choose_threshold(
     return allocation(thresholds[lo])
 
 
+SENSITIVITY: dict[tuple, dict[tuple[int, str], dict[float, float]]] = {}
+
+
 @register_method("asvd")
 class ASVD(FactorizedMethod):
     stats_needed = frozenset({"scale"})
@@ -106,7 +109,7 @@ class ASVD(FactorizedMethod):
         if self.cfg.allocation == "uniform":
             kept = dict.fromkeys(shapes, 1.0 - ctx.ratio)
         elif self.cfg.allocation == "sensitivity":
-            table = self.sensitivity(model, family, shapes, ctx)
+            table = self.cached_sensitivity(model, family, shapes, ctx)
             target = math.floor((1.0 - ctx.ratio) * sum(a * b for a, b in shapes.values()))
             kept = choose_threshold(table, shapes, target)
             ctx.extras["asvd_sensitivity"] = {f"{i}.{k}": row for (i, k), row in table.items()}
@@ -127,6 +130,25 @@ class ASVD(FactorizedMethod):
         info["allocation"] = self.cfg.allocation
         info["sensitivity_ppl"] = ctx.extras.pop("asvd_sensitivity", None)
         return info
+
+    def cached_sensitivity(self, model, family, shapes, ctx):
+        """The sensitivity table, measured once per process for a calibration setup.
+
+        It does not depend on the target ratio, so the jobs of a ratio sweep share it.
+        """
+        run_key = ctx.extras.get("cache_key")
+        key = (
+            run_key,
+            *self.cache_tag(),
+            tuple(self.cfg.candidate_ratios),
+            self.cfg.sensitivity_samples,
+        )
+        if run_key is None or key not in SENSITIVITY:
+            table = self.sensitivity(model, family, shapes, ctx)
+            if run_key is None:
+                return table
+            SENSITIVITY[key] = table
+        return SENSITIVITY[key]
 
     def sensitivity(self, model, family, shapes, ctx) -> dict[tuple[int, str], dict[float, float]]:
         """Calibration perplexity with one projection compressed at each candidate ratio."""

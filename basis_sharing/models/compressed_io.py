@@ -14,7 +14,6 @@ A directory holds ``model.safetensors``, ``compression.json``, the base model's 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import shutil
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from basis_sharing.errors import UserError
+from basis_sharing.hashing import file_sha256
 from basis_sharing.models.families import FAMILIES, FamilyAdapter, get_family
 from basis_sharing.models.loading import torch_dtype
 from basis_sharing.modules import SHARED_BASES, LowRankLinear, SharedBasisLinear, shared_bases
@@ -223,11 +223,6 @@ def _move_into_place(staging: Path, target: Path) -> None:
     staging.rename(target)
     if old is not None:
         shutil.rmtree(old)
-
-
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

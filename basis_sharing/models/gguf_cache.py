@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from basis_sharing.errors import ConfigError
+from basis_sharing.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,6 @@ def embedded_gguf_path(package: str, filename: str | None) -> Path:
             f"Package '{package}' has no file '{filename}'. GGUF files it ships: {names or 'none'}."
         )
     return Path(dist.locate_file(candidates[0])).resolve()
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_entry(gguf: Path, dtype: str, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
