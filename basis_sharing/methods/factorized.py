@@ -132,19 +132,19 @@ class FactorizedMethod(CompressionMethod):
     ) -> dict:
         """Scale, decompose and truncate every group of ``plans``; replace the projections."""
         layers = family.layers(model)
+        dense_total = dense_projection_weights(model, family)
         fallbacks: list[dict] = []
-        factors = []
         for plan in tqdm(plans, desc=f"{self.name}: decompose", unit="group", leave=False):
             dec = self.decomposition(layers, family, plan, ctx)
             if dec.shift:
                 fallbacks.append(
                     {"kind": plan.kind, "layers": list(plan.layers), "shift": dec.shift}
                 )
-            factors.append((plan, dec.truncate(plan.rank)))
-        dense_total = dense_projection_weights(model, family)
-        # Surgery only after every decomposition: each one reads the original weights.
-        for plan, (basis, coefficients) in factors:
-            install(model, layers, family, plan, basis, coefficients)
+            # Installing at once is safe (a group reads only its own members' weights) and frees
+            # the dense weights as it goes: holding every factor until the end needs the whole
+            # compressed model again in float64 (a LLaMA-7B ran out of 80 GB that way).
+            install(model, layers, family, plan, *dec.truncate(plan.rank))
+            del dec
         shared, private = self.kinds(family)
         return {
             "group_size": self.group_size(),
