@@ -33,8 +33,7 @@ from basis_sharing.calibration.cache import (
     stats_key,
     tensor_entries,
 )
-from basis_sharing.calibration.grams import _input_device
-from basis_sharing.calibration.scales import check_calibration_ids
+from basis_sharing.calibration.grams import _input_device, check_calibration_ids
 from basis_sharing.models.families import FamilyAdapter
 
 log = logging.getLogger(__name__)

@@ -174,6 +174,44 @@ def _to_stats(accumulators: dict[tuple[int, str], GramAccumulator], dtype: str) 
     return GramStats(grams=grams, tokens=next(iter(counts.values())), dtype=dtype)
 
 
+def check_calibration_ids(calibration_ids: torch.Tensor, batch_size: int) -> None:
+    """The input checks every calibration statistic makes.
+
+    Raises:
+        CalibrationError: ids are not a non-empty (n_samples, seq_len) tensor.
+        ConfigError: batch_size < 1.
+    """
+    if calibration_ids.ndim != 2 or calibration_ids.numel() == 0:
+        raise CalibrationError(
+            "Calibration ids must be a non-empty (n_samples, seq_len) tensor, got shape "
+            f"{tuple(calibration_ids.shape)}."
+        )
+    if batch_size < 1:
+        raise ConfigError(f"calibration batch size must be >= 1, got {batch_size}.")
+
+
+def run_hooked(
+    model: nn.Module,
+    calibration_ids: torch.Tensor,
+    batch_size: int,
+    desc: str,
+    handles: list[torch.utils.hooks.RemovableHandle],
+) -> None:
+    """One inference pass over the blocks with ``handles`` attached.
+
+    The model is in eval mode for the pass (dropout would make the statistics random); the hooks
+    are removed and the mode restored whatever happens.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        _run_batches(model, calibration_ids, batch_size, desc)
+    finally:
+        _remove(handles)
+        if was_training:
+            model.train()
+
+
 def collect_grams(
     model: nn.Module,
     family: FamilyAdapter,
@@ -196,22 +234,9 @@ def collect_grams(
         GramStats: one (d_in, d_in) CPU Gram per (layer, input); tokens = n_samples * seq_len.
     """
     dtype_name = accumulate_dtype_name(accumulate_dtype)
-    if calibration_ids.ndim != 2 or calibration_ids.numel() == 0:
-        raise CalibrationError(
-            "Calibration ids must be a non-empty (n_samples, seq_len) tensor, got shape "
-            f"{tuple(calibration_ids.shape)}."
-        )
-    if batch_size < 1:
-        raise ConfigError(f"calibration batch size must be >= 1, got {batch_size}.")
-    was_training = model.training
-    model.eval()  # dropout would make the statistics random
+    check_calibration_ids(calibration_ids, batch_size)
     accumulators, handles = _attach_hooks(model, family, ACCUMULATE_DTYPES[dtype_name])
-    try:
-        _run_batches(model, calibration_ids, batch_size, desc)
-    finally:
-        _remove(handles)
-        if was_training:
-            model.train()
+    run_hooked(model, calibration_ids, batch_size, desc, handles)
     stats = _to_stats(accumulators, dtype_name)
     log.info(
         "Collected %d Grams (%d layers x %d inputs) over %d tokens in %s.",

@@ -32,8 +32,14 @@ from basis_sharing.calibration.cache import (
     stats_key,
     tensor_entries,
 )
-from basis_sharing.calibration.grams import _hook, _remove, _run_batches, hooked_kinds
-from basis_sharing.errors import CalibrationError, ConfigError, unknown_choice
+from basis_sharing.calibration.grams import (
+    _hook,
+    _remove,
+    check_calibration_ids,
+    hooked_kinds,
+    run_hooked,
+)
+from basis_sharing.errors import unknown_choice
 from basis_sharing.models.families import FamilyAdapter
 
 log = logging.getLogger(__name__)
@@ -107,22 +113,6 @@ class ScaleAccumulator:
         self.batches += 1
 
 
-def check_calibration_ids(calibration_ids: torch.Tensor, batch_size: int) -> None:
-    """The checks ``collect_grams`` makes, shared by every calibration statistic.
-
-    Raises:
-        CalibrationError: ids are not a non-empty (n_samples, seq_len) tensor.
-        ConfigError: batch_size < 1.
-    """
-    if calibration_ids.ndim != 2 or calibration_ids.numel() == 0:
-        raise CalibrationError(
-            "Calibration ids must be a non-empty (n_samples, seq_len) tensor, got shape "
-            f"{tuple(calibration_ids.shape)}."
-        )
-    if batch_size < 1:
-        raise ConfigError(f"calibration batch size must be >= 1, got {batch_size}.")
-
-
 def _attach_hooks(
     model: nn.Module, family: FamilyAdapter
 ) -> tuple[dict[tuple[int, str], ScaleAccumulator], list[torch.utils.hooks.RemovableHandle]]:
@@ -178,15 +168,8 @@ def collect_scales(
         ScaleStats: (d_in,) float64 CPU vectors per (layer, input); tokens = n_samples * seq_len.
     """
     check_calibration_ids(calibration_ids, batch_size)
-    was_training = model.training
-    model.eval()  # dropout would make the statistics random
     accumulators, handles = _attach_hooks(model, family)
-    try:
-        _run_batches(model, calibration_ids, batch_size, desc)
-    finally:
-        _remove(handles)
-        if was_training:
-            model.train()
+    run_hooked(model, calibration_ids, batch_size, desc, handles)
     stats = _to_stats(accumulators, math.ceil(calibration_ids.shape[0] / batch_size))
     log.info(
         "Collected activation scales of %d (layer, input) pairs over %d tokens in %d batches.",
