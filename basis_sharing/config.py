@@ -55,13 +55,61 @@ class CalibrationConfig:
     gram_dtype: str = "float32"  # accumulation dtype of X^T X: float32 (paper) or float64
 
 
+PAPER_ZEROSHOT_TASKS = [
+    "openbookqa",
+    "arc_easy",
+    "winogrande",
+    "hellaswag",
+    "arc_challenge",
+    "piqa",
+    "mathqa",
+]
+
+
+@dataclass
+class ZeroShotConfig:
+    """lm-eval zero-shot reasoning (method-spec.md 2.2); an empty task list skips it."""
+
+    tasks: list[str] = field(default_factory=lambda: list(PAPER_ZEROSHOT_TASKS))
+    limit: float | None = None  # docs per task (int) or a fraction; None: every doc
+    batch_size: int = 32  # set on HFLM (simple_evaluate ignores it for an in-memory model)
+    max_length: int | None = None  # None: model.context_length
+
+
+@dataclass
+class ThroughputConfig:
+    """Forward and generation speed, dense and compressed in one run (method-spec.md 2.3/2.4)."""
+
+    enabled: bool = False
+    seq_len: int = 32
+    fraction: float = 0.25  # first quarter of the WikiText-2 validation blocks
+    batch_size: int | None = None  # None: 512 on a GPU, 16 on a CPU
+    warmup: int = 10
+    max_batches: int | None = None  # None: every full batch of the blocks
+    compile: bool = False  # torch.compile the model first (the paper does, on a GPU)
+    prompt_tokens: int = 4  # generation: prompt length (SVD-LLM's protocol)
+    new_tokens: int = 128
+    runs: int = 3
+
+
+@dataclass
+class GenerationConfig:
+    """Greedy samples stored in results.json after compression; an empty list skips them."""
+
+    prompts: list[str] = field(default_factory=list)
+    max_new_tokens: int = 32
+
+
 @dataclass
 class EvalConfig:
-    """Evaluation protocol (method-spec.md section 2.1)."""
+    """Evaluation protocol (method-spec.md section 2)."""
 
     ppl_datasets: list[str] = field(default_factory=lambda: ["wikitext2", "ptb", "c4"])
     max_windows: int | None = None  # None: every window, i.e. the full paper protocol
     batch_size: int | None = None  # None: model.eval_batch_size
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    throughput: ThroughputConfig = field(default_factory=ThroughputConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 @dataclass

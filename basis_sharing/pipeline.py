@@ -1,7 +1,8 @@
 """The one pipeline every run goes through.
 
     validate -> data -> model source + tokenizer -> tokenize (+ calibration blocks) -> load model
-    -> compress (the method; dense does nothing) -> parameter accounting -> perplexity -> record
+    -> [dense throughput] -> compress (the method; dense does nothing) -> parameter accounting
+    -> generation samples -> perplexity -> zero-shot (lm-eval) -> [throughput] -> record
 
 Everything that can be wrong with the input is checked before the model is loaded. Each stage's
 wall time and peak memory, and every result, go to ``results.json`` as soon as they exist.
@@ -24,8 +25,23 @@ from basis_sharing.data.calibration import sample_calibration_blocks
 from basis_sharing.data.corpora import Corpus, get_corpus_spec, load_corpus, split_source
 from basis_sharing.data.tokens import token_hash, tokenize_text
 from basis_sharing.errors import ConfigError, UserError, unknown_choice
+from basis_sharing.evaluation.generation import generation_samples
 from basis_sharing.evaluation.params import dense_projection_weights, parameter_report
 from basis_sharing.evaluation.perplexity import PPL_SPLITS, perplexity
+from basis_sharing.evaluation.throughput import (
+    default_batch_size,
+    measure_speed,
+    rank_above_break_even,
+    speedups,
+    summarize_break_even,
+    throughput_blocks,
+)
+from basis_sharing.evaluation.zeroshot import (
+    PAPER_TASKS,
+    TaskSource,
+    evaluate_zeroshot,
+    resolve_tasks,
+)
 from basis_sharing.methods import get_method
 from basis_sharing.methods.registry import CompressionContext, CompressionMethod
 from basis_sharing.models.compressed_io import load_compressed, read_manifest, save_compressed
@@ -42,12 +58,25 @@ from basis_sharing.tracking.record import RunRecord, summary_table
 log = logging.getLogger(__name__)
 
 
+THROUGHPUT_CORPUS = ("wikitext2", "validation")  # method-spec.md 2.3
+
+
 @dataclass
 class Plan:
     """What validation resolved: the method object and the device."""
 
     method: CompressionMethod
     device: torch.device
+
+
+@dataclass
+class EvalInputs:
+    """Everything the evaluation stages read, prepared before the model is loaded."""
+
+    ppl_ids: dict[str, torch.Tensor]
+    zeroshot: list[TaskSource]
+    speed_blocks: torch.Tensor | None = None
+    speed_prompt: torch.Tensor | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,6 +111,7 @@ def validate(cfg: DictConfig) -> Plan:
             raise ConfigError(f"{key}={value} must be >= 1.")
     if cfg.model.context_length < 2:
         raise ConfigError(f"model.context_length={cfg.model.context_length} must be >= 2.")
+    validate_evaluation(cfg.eval)
     torch_dtype(cfg.model.dtype)
     if cfg.model.family is not None:
         get_family(cfg.model.family)
@@ -109,6 +139,42 @@ def validate(cfg: DictConfig) -> Plan:
     return Plan(method=method, device=resolve_device(cfg.device))
 
 
+def validate_evaluation(ev: DictConfig) -> None:
+    """Zero-shot, throughput and generation settings (perplexity is checked by ``validate``)."""
+    for name in ev.zeroshot.tasks:
+        if name not in PAPER_TASKS:
+            raise unknown_choice("zero-shot task (eval.zeroshot.tasks)", name, list(PAPER_TASKS))
+    limit = ev.zeroshot.limit
+    if limit is not None and (limit <= 0 or (limit > 1 and limit != int(limit))):
+        raise ConfigError(
+            f"eval.zeroshot.limit={limit}: use a document count >= 1, a fraction in (0, 1], "
+            "or null for every document."
+        )
+    positive = {
+        "eval.zeroshot.batch_size": ev.zeroshot.batch_size,
+        "eval.zeroshot.max_length": ev.zeroshot.max_length,
+        "eval.throughput.seq_len": ev.throughput.seq_len,
+        "eval.throughput.batch_size": ev.throughput.batch_size,
+        "eval.throughput.max_batches": ev.throughput.max_batches,
+        "eval.throughput.prompt_tokens": ev.throughput.prompt_tokens,
+        "eval.throughput.new_tokens": ev.throughput.new_tokens,
+        "eval.throughput.runs": ev.throughput.runs,
+        "eval.generation.max_new_tokens": ev.generation.max_new_tokens,
+    }
+    for key, value in positive.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1.")
+    if ev.throughput.warmup < 0:
+        raise ConfigError(f"eval.throughput.warmup={ev.throughput.warmup} must be >= 0.")
+    if not 0.0 < ev.throughput.fraction <= 1.0:
+        raise ConfigError(f"eval.throughput.fraction={ev.throughput.fraction} must be in (0, 1].")
+
+
+def zeroshot_limit(limit: float | None) -> int | float | None:
+    """A document count as an int (lm-eval reads floats below 1 as fractions)."""
+    return int(limit) if limit is not None and limit > 1 else limit
+
+
 def load_corpora(cfg: DictConfig, plan: Plan) -> tuple[dict[str, Corpus], Corpus | None]:
     data_dir, offline = cfg.paths.data_dir, cfg.offline
     evals = {
@@ -124,7 +190,7 @@ def load_corpora(cfg: DictConfig, plan: Plan) -> tuple[dict[str, Corpus], Corpus
 def tokenize_corpora(
     cfg: DictConfig, tokenizer, evals: dict[str, Corpus], calib: Corpus | None, record: RunRecord
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Eval ids per dataset, and the calibration blocks; hashes and sizes go to the record."""
+    """Perplexity ids per dataset, and the calibration blocks; hashes go to the record."""
     eval_ids = {
         name: tokenize_text(tokenizer, corpus.text(max_rows=PPL_SPLITS[name][1]))
         for name, corpus in evals.items()
@@ -143,6 +209,18 @@ def tokenize_corpora(
         record["hashes"]["calibration"] = token_hash(calib_ids)
         save_calibration_ids(calib_ids, record.out_dir)
     return eval_ids, calib_ids
+
+
+def speed_inputs(
+    cfg: DictConfig, tokenizer, corpus: Corpus, record: RunRecord
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Throughput blocks (first quarter of WikiText-2 validation) and the generation prompt."""
+    tp = cfg.eval.throughput
+    ids = tokenize_text(tokenizer, corpus.text())
+    blocks = throughput_blocks(ids, tp.seq_len, tp.fraction)
+    prompt = ids[: tp.prompt_tokens]
+    record["hashes"]["throughput"] = token_hash(blocks)
+    return blocks, prompt
 
 
 def save_calibration_ids(ids: torch.Tensor, out_dir: Path) -> None:
@@ -230,6 +308,13 @@ def execute(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
         evals, calib = load_corpora(cfg, plan)
         record["data"]["eval"] = {n: c.provenance() for n, c in evals.items()}
         record["data"]["calibration"] = calib.provenance() if calib else None
+        tasks = list(cfg.eval.zeroshot.tasks)
+        zeroshot = resolve_tasks(tasks, cfg.paths.data_dir, cfg.offline) if tasks else []
+        record["data"]["zeroshot"] = {s.task.name: s.provenance() for s in zeroshot}
+        speed_corpus = None
+        if cfg.eval.throughput.enabled:
+            speed_corpus = load_corpus(*THROUGHPUT_CORPUS, cfg.paths.data_dir, cfg.offline)
+            record["data"]["throughput"] = speed_corpus.provenance()
     with record.stage("model_source"):
         if cfg.load_model is not None:
             source = None
@@ -243,6 +328,11 @@ def execute(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
             record["model"].update(source.provenance)
     with record.stage("tokenize"):
         eval_ids, calib_ids = tokenize_corpora(cfg, tokenizer, evals, calib, record)
+        inputs = EvalInputs(eval_ids, zeroshot)
+        if speed_corpus is not None:
+            inputs.speed_blocks, inputs.speed_prompt = speed_inputs(
+                cfg, tokenizer, speed_corpus, record
+            )
     with record.stage("load_model", plan.device):
         if source is None:
             loaded = load_compressed(saved, plan.device)
@@ -254,6 +344,8 @@ def execute(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
             model, family = load_model(cfg.model, source, plan.device)
             dense = dense_projection_weights(model, family)
         record["model"]["family"] = family.name
+    if inputs.speed_blocks is not None and plan.method.compresses:
+        measure_throughput(cfg, plan, model, inputs, record, "dense")
     ctx = CompressionContext(
         ratio=cfg.ratio,
         device=plan.device,
@@ -275,20 +367,70 @@ def execute(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
         record["params"]["planned_decoder_projections"] = planned["kept"]
     if plan.method.compresses:
         check_ratio(record["params"], cfg.ratio, cfg.ratio_tolerance)
+    check_break_even(model, record)
     if cfg.save_model:
         with record.stage("save_model"):
             record["saved_model"] = str(save_model(cfg, model, family, tokenizer, record))
-    batch_size = cfg.eval.batch_size or cfg.model.eval_batch_size
+    evaluate(cfg, plan, model, tokenizer, inputs, record)
+
+
+def check_break_even(model, record: RunRecord) -> None:
+    """Record (and warn about) factorised projections slower than their dense layer."""
+    slow = rank_above_break_even(model)
+    record["params"]["above_break_even"] = slow
+    if slow:
+        log.warning(
+            "%d factorised projections have a rank above the break-even point, where (x B) C "
+            "costs more multiply-adds than x W, so they are slower than the dense layer: %s",
+            len(slow),
+            summarize_break_even(slow),
+        )
+
+
+def measure_throughput(
+    cfg: DictConfig, plan: Plan, model, inputs: EvalInputs, record: RunRecord, key: str
+) -> None:
+    """Speed of the model as it is now, under ``metrics.throughput.<key>``."""
+    tp = cfg.eval.throughput
+    results = record["metrics"].setdefault("throughput", {})
+    with record.stage(f"throughput_{key}", plan.device):
+        results[key] = measure_speed(
+            model,
+            inputs.speed_blocks,
+            inputs.speed_prompt,
+            batch_size=tp.batch_size or default_batch_size(plan.device),
+            warmup=tp.warmup,
+            max_batches=tp.max_batches,
+            compile=tp.compile,
+            new_tokens=tp.new_tokens,
+            runs=tp.runs,
+        )
+    if "dense" in results and "compressed" in results:
+        results["speedup"] = speedups(results["dense"], results["compressed"])
+    record.write()
+
+
+def evaluate(cfg: DictConfig, plan: Plan, model, tokenizer, inputs: EvalInputs, record) -> None:
+    """Generation samples, perplexity, zero-shot and throughput of the model this run produced."""
+    ev = cfg.eval
+    if ev.generation.prompts:
+        with record.stage("generate", plan.device):
+            record["generation_samples"] = generation_samples(
+                model, tokenizer, list(ev.generation.prompts), ev.generation.max_new_tokens
+            )
+        for sample in record["generation_samples"]:
+            log.info("sample %r -> %r", sample["prompt"], sample["completion"])
+    batch_size = ev.batch_size or cfg.model.eval_batch_size
     results = record["metrics"].setdefault("perplexity", {})
     with record.stage("perplexity", plan.device):
-        for name, ids in eval_ids.items():
+        for name, ids in inputs.ppl_ids.items():
             result = perplexity(
                 model,
                 ids,
                 cfg.model.context_length,
                 dataset=name,
                 batch_size=batch_size,
-                max_windows=cfg.eval.max_windows,
+                max_windows=ev.max_windows,
             )
             results[name] = result.as_dict()
             log.info(
@@ -299,6 +441,22 @@ def execute(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
                 result.n_windows,
             )
             record.write()
+    if inputs.zeroshot:
+        with record.stage("zeroshot", plan.device):
+            record["metrics"]["zeroshot"] = evaluate_zeroshot(
+                model,
+                tokenizer,
+                inputs.zeroshot,
+                work_dir=record.out_dir,
+                dataset_cache=Path(cfg.paths.cache_dir).expanduser() / "lm_eval_datasets",
+                limit=zeroshot_limit(ev.zeroshot.limit),
+                batch_size=ev.zeroshot.batch_size,
+                max_length=ev.zeroshot.max_length or cfg.model.context_length,
+            )
+        log.info("zero-shot mean acc %s", record["metrics"]["zeroshot"]["mean_acc"])
+    if inputs.speed_blocks is not None:
+        key = "compressed" if plan.method.compresses else "model"
+        measure_throughput(cfg, plan, model, inputs, record, key)
 
 
 def save_model(cfg: DictConfig, model, family, tokenizer, record: RunRecord) -> Path:

@@ -166,7 +166,37 @@ def write_tiny_mirror(root: Path) -> Path:
         for i, s in enumerate(synthetic_lines(40, 6))
     ]
     (alpaca / "alpaca_data.json").write_text(json.dumps(records), encoding="utf-8")
+    write_tiny_task_rows(root / "lm-eval")
     return root
+
+
+def write_tiny_task_rows(root: Path) -> None:
+    """A few rows of two lm-eval tasks in the hub schema (arc_easy test, winogrande validation)."""
+    rng = random.Random(7)
+    arc = root / "arc_easy"
+    arc.mkdir(parents=True)
+    with (arc / "test.jsonl").open("w", encoding="utf-8") as f:
+        for i, question in enumerate(synthetic_lines(6, 8)):
+            choices = [rng.choice(_WORDS[40:60]) for _ in range(4)]
+            row = {
+                "id": f"tiny-{i}",
+                "question": question,
+                "choices": {"text": choices, "label": ["A", "B", "C", "D"]},
+                "answerKey": "ABCD"[i % 4],
+            }
+            f.write(json.dumps(row) + "\n")
+    wino = root / "winogrande"
+    wino.mkdir()
+    with (wino / "validation.jsonl").open("w", encoding="utf-8") as f:
+        for i, text in enumerate(synthetic_lines(6, 9)):
+            words = text.split() + ["city", "river"]
+            row = {
+                "sentence": f"the king and the queen : _ {' '.join(words)} .",
+                "option1": "king",
+                "option2": "queen",
+                "answer": str(1 + i % 2),
+            }
+            f.write(json.dumps(row) + "\n")
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ def run_embedded(cache: Path, assets: Path, out: Path, *overrides: str) -> dict:
         f"paths.data_dir={assets}",
         f"paths.cache_dir={cache}",
         "model.context_length=128",
+        "eval=ppl",
         "eval.max_windows=2",
         *overrides,
     )

@@ -22,6 +22,7 @@ def run_on(device: str, model_dir: Path, mirror: Path, out: Path, *extra: str) -
         f"model.local_path={model_dir}",
         "model.context_length=64",
         f"paths.data_dir={mirror}",
+        "eval=ppl",
         "eval.max_windows=4",
         "eval.batch_size=2",
         f"device={device}",

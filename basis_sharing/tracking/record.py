@@ -92,6 +92,42 @@ def _fmt_ppl(value: float) -> str:
     return f"{value:.2f}" if value < 1e4 else f"{value:.3g}"
 
 
+def _zeroshot_lines(zeroshot: dict[str, Any] | None) -> list[str]:
+    if not zeroshot:
+        return []
+    limit = zeroshot.get("limit")
+    lines = [f"{'zero-shot':<15}{'acc':>7}{'acc_norm':>10}{'docs':>12}  (limit {limit})"]
+    for name, r in zeroshot["tasks"].items():
+        norm = r.get("acc_norm")
+        docs = f"{r.get('n_samples')}/{r.get('n_docs')}"
+        lines.append(
+            f"{name:<15}{r['acc']:>7.4f}{'-' if norm is None else f'{norm:.4f}':>10}{docs:>12}"
+        )
+    if zeroshot.get("mean_acc") is not None:
+        lines.append(f"{'mean':<15}{zeroshot['mean_acc']:>7.4f}")
+    return lines
+
+
+def _throughput_lines(throughput: dict[str, Any] | None) -> list[str]:
+    if not throughput:
+        return []
+    lines = [f"{'throughput':<12}{'forward tok/s':>15}{'generate tok/s':>16}{'weights MB':>12}"]
+    for name in ("dense", "compressed", "model"):
+        r = throughput.get(name)
+        if r:
+            lines.append(
+                f"{name:<12}{r['forward']['tokens_per_s']:>15.1f}"
+                f"{r['generation']['tokens_per_s']:>16.2f}{r['weights_mb']:>12.1f}"
+            )
+    ratio = throughput.get("speedup")
+    if ratio:
+        lines.append(
+            f"{'ratio':<12}{ratio['forward']:>15.3f}{ratio['generation']:>16.3f}"
+            f"{ratio['weights_mb']:>12.3f}"
+        )
+    return lines
+
+
 def summary_table(data: dict[str, Any]) -> str:
     """A short plain-text summary of a run record (printed at the end of every run)."""
     params = data.get("params", {})
@@ -114,6 +150,10 @@ def summary_table(data: dict[str, Any]) -> str:
             lines.append(
                 f"{name:<11}{_fmt_ppl(r['ppl']):>10}{windows:>12}{r['n_tokens']:>10}  {note}"
             )
+    lines += _zeroshot_lines(data.get("metrics", {}).get("zeroshot"))
+    lines += _throughput_lines(data.get("metrics", {}).get("throughput"))
+    for sample in data.get("generation_samples") or []:
+        lines.append(f"sample: {sample['prompt']!r} -> {sample['completion']!r}")
     stages = data.get("stages", {})
     if stages:
         lines.append(f"{'stage':<14}{'wall s':>9}{'peak RSS MB':>13}{'CUDA peak MB':>14}")
