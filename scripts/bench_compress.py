@@ -155,6 +155,7 @@ def run_overrides(
         f"paths.data_dir={args.data_dir}",
         f"paths.output_root={out}",
         f"device={args.device}",
+        "eval=ppl",  # compression is what is timed: no zero-shot, throughput or samples
     ]
     if cache_dir is not None:
         overrides.append(f"paths.cache_dir={cache_dir}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import subprocess
 
 import pytest
@@ -43,12 +44,23 @@ def test_failure_keeps_what_was_computed(tmp_path):
     assert "wall_s" in data["stages"]["boom"]
 
 
+def touch_fresh_pages(n_bytes: int) -> None:
+    """Make ``n_bytes`` resident and release them.
+
+    An anonymous mapping always brings new pages (a malloc'd block may reuse memory the process
+    already holds, as it does late in a long test session), so RSS surely rises by ``n_bytes``.
+    """
+    block = mmap.mmap(-1, n_bytes)
+    for offset in range(0, n_bytes, mmap.PAGESIZE):
+        block[offset] = 1
+    block.close()
+
+
 def test_peak_rss_is_measured_per_stage(tmp_path):
     record = RunRecord(tmp_path, {})
     start_mb = current_rss_bytes() / 2**20
     with record.stage("big") as stats:
-        block = torch.ones(300 * 2**20 // 4)  # 300 MiB, touched
-        del block
+        touch_fresh_pages(300 * 2**20)
     with record.stage("small"):
         pass
     big, small = record["stages"]["big"], record["stages"]["small"]

@@ -106,7 +106,10 @@ def test_two_job_sweep_gets_one_directory_per_override(tiny_model_dir, tiny_mirr
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/results.json"))
-    common = "eval.batch_size=2,eval.max_windows=1,method=dense,model.context_length=64,model=local"
+    common = (
+        "eval.batch_size=2,eval.max_windows=1,eval=ppl,method=dense,model.context_length=64,"
+        "model=local"
+    )
     # Paths are excluded from the name (they would nest directories); overrides are in it.
     assert jobs == [f"{common},ratio=0.2", f"{common},ratio=0.3"]
     for job in jobs:
@@ -178,6 +181,7 @@ def test_hub_model_offline_fails_with_a_clear_message(tiny_mirror, tmp_path):
     proc = run_py(
         "model=gpt2",
         "method=dense",
+        "eval=ppl",  # the tiny mirror has no zero-shot rows (a missing-data error would come first)
         f"paths.data_dir={tiny_mirror}",
         f"hydra.run.dir={tmp_path}/r",
         env=env,
