@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +32,9 @@ class RunRecord:
     def __init__(self, out_dir: str | Path, config: dict[str, Any], **fields: Any) -> None:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / RESULTS_FILE
+        # Called with the record's data after every write (experiment trackers mirror results as
+        # they are produced, without the pipeline knowing about them).
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.data: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "status": "running",
@@ -81,6 +84,8 @@ class RunRecord:
         tmp = self.path.with_name(f".{RESULTS_FILE}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
         os.replace(tmp, self.path)
+        for listener in list(self.listeners):
+            listener(self.data)
         return self.path
 
 
