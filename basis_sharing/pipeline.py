@@ -53,7 +53,9 @@ from basis_sharing.models.loading import (
     resolve_source,
     torch_dtype,
 )
+from basis_sharing.tracking.loggers import make_logger
 from basis_sharing.tracking.record import RunRecord, summary_table
+from basis_sharing.tracking.resume import config_fingerprint, find_completed
 
 log = logging.getLogger(__name__)
 
@@ -514,10 +516,24 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
     hydra = hydra_context()
     out_dir = Path(out_dir or hydra.get("out_dir") or ".")
     plan = validate(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    fingerprint = config_fingerprint(config)
+    if not cfg.force:  # resume: a finished job of a re-run sweep is not computed again
+        done = find_completed(out_dir, config)
+        if done is not None:
+            log.info(
+                "Skipped: %s is a completed run of this configuration (fingerprint %s); "
+                "force=true recomputes it.",
+                done[0],
+                fingerprint,
+            )
+            return done[1]
+    tracker = make_logger(cfg)  # logger=none: a no-op; checked before any work
     torch.manual_seed(cfg.seed)
     record = RunRecord(
         out_dir,
-        OmegaConf.to_container(cfg, resolve=True),
+        config,
+        fingerprint=fingerprint,
         method=cfg.method.name,
         target_ratio=float(cfg.ratio) if plan.method.compresses else None,
         seed=cfg.seed,
@@ -533,12 +549,13 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
         context_length=cfg.model.context_length,
     )
     record.write()
-    try:
-        execute(cfg, plan, record)
-    except BaseException as exc:
-        record.fail(exc)
-        raise
-    record.finish()
+    with tracker.track(record):  # mirrors every record write; closes the tracker's run
+        try:
+            execute(cfg, plan, record)
+        except BaseException as exc:
+            record.fail(exc)
+            raise
+        record.finish()
     log.info("Run summary (%s)\n%s", record.path, summary_table(record.data))
     return record.data
 

@@ -1,0 +1,173 @@
+"""Tables from the results store: golden renderings, never-filled cells, plots, the SmolLM table.
+
+Golden files (tests/data/golden/) are the expected output for the fixture store
+(tests/data/store/); after an intended change of layout, regenerate them with
+
+    python scripts/make_table.py table1 table4 table6 --runs tests/data/store \
+        --out /tmp/golden --no-plot   # then copy the .md/.csv/.tex files and review the diff
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from basis_sharing.tables import build_table, get_spec, load_paper, make_table
+from basis_sharing.tables.render import to_csv, to_latex, to_markdown
+from basis_sharing.tracking.store import load_runs
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
+STORE = DATA / "store"
+GOLDEN = DATA / "golden"
+PAPER = REPO / "results" / "paper"
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return load_runs(STORE)
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return load_paper(PAPER)
+
+
+def built(name, runs, paper):
+    return build_table(get_spec(name), runs, paper)
+
+
+@pytest.mark.parametrize(
+    "name,suffix",
+    [("table1", "md"), ("table1", "csv"), ("table1", "tex"), ("table4", "md"), ("table6", "md")],
+)
+def test_rendering_matches_the_golden_file(runs, paper, name, suffix):
+    render = {"md": to_markdown, "csv": to_csv, "tex": to_latex}[suffix]
+    expected = (GOLDEN / f"{name}.{suffix}").read_text(encoding="utf-8")
+    assert render(built(name, runs, paper)) == expected
+
+
+def cell(result, row_label: str, column_label: str, ratio: float | None = None):
+    for cells in result.cells:
+        for c in cells:
+            if (c.row.label, c.column.label) == (row_label, column_label) and c.ratio == ratio:
+                return c
+    raise KeyError((row_label, column_label, ratio))
+
+
+def test_cells_hold_exactly_the_matching_run(runs, paper):
+    result = built("table1", runs, paper)
+    bs20 = cell(result, "Basis Sharing", "WikiText-2", 0.2)
+    # Group size 2 without update: the method.update=True run (7.5) is not this row.
+    assert bs20.reproduced == 7.7012 and bs20.reported.value == 7.74
+    assert bs20.difference == pytest.approx(7.7012 - 7.74)
+    assert bs20.run == "llama7b/table1/method=basis_sharing,ratio=0.2/results.json"
+    # Two runs of the same cell: the later-finished one, and the count is kept.
+    bs30 = cell(result, "Basis Sharing", "WikiText-2", 0.3)
+    assert bs30.reproduced == 9.31 and bs30.n_runs == 2
+    assert bs30.run.startswith("llama7b/table1_rerun/")
+    # Partial protocol is flagged, not hidden.
+    bs40 = cell(result, "Basis Sharing", "Avg", 0.4)
+    assert bs40.truncated and bs40.reproduced == pytest.approx(2.72 / 7)  # recorded mean_acc
+    # The dense row: the mean accuracy recorded by the run, against the paper's 0.52.
+    original = cell(result, "Original", "Avg")
+    assert original.reproduced == pytest.approx(0.5188571428571429)
+
+
+def test_missing_cells_are_never_filled(runs, paper):
+    result = built("table1", runs, paper)
+    # FWSVD at 50 % failed: no value, even though a record exists.
+    fwsvd50 = cell(result, "FWSVD", "WikiText-2", 0.5)
+    assert fwsvd50.reproduced is None and fwsvd50.n_runs == 0 and fwsvd50.difference is None
+    # Basis Sharing at 20 % has no zero-shot numbers: the accuracy cells stay empty.
+    assert cell(result, "Basis Sharing", "PIQA", 0.2).reproduced is None
+    markdown = to_markdown(result)
+    assert "| 50%   | SVD           | — / 131715" in markdown
+    assert "— / 0.71" in markdown  # Basis Sharing PIQA at 20 %: reported only
+    table4 = built("table4", runs, paper)
+    oom = cell(table4, "FWSVD", "LLaMA-13B", 0.2)
+    assert (
+        oom.reproduced is None and oom.reported.value is None and "— / OOM" in to_markdown(table4)
+    )
+
+
+def test_empty_store_renders_the_paper_alone(paper, tmp_path):
+    result = build_table(get_spec("table3"), load_runs(tmp_path), paper)
+    assert all(c.reproduced is None for c in result.flat())
+    assert "No completed runs in the store yet: `python run.py experiment=table3 -m`" in (
+        to_markdown(result)
+    )
+
+
+def test_table2_lists_the_unplaced_fragments(paper, tmp_path):
+    result = build_table(get_spec("table2"), load_runs(tmp_path), paper)
+    assert len(result.unplaced) == 32  # 4 perplexities + 14 WikiText-2 / 14 Alpaca accuracies
+    markdown = to_markdown(result)
+    assert "ptb ppl 97.40, S from wikitext2" in markdown
+    assert cell(result, "Basis Sharing (S: WikiText-2)", "WikiText-2", 0.5).reported.text == "21.3"
+    assert cell(result, "Basis Sharing (S: Alpaca)", "WikiText-2", 0.5).reported is None
+
+
+def test_make_table_writes_every_format_and_the_plots(tmp_path):
+    written = make_table("table1", STORE, PAPER, tmp_path)
+    names = sorted(p.name for p in written)
+    assert names == ["table1.csv", "table1.md", "table1.png", "table1.tex", "table1_acc.png"]
+    for path in written:
+        if path.suffix == ".png":
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    # A single-ratio table gets a bar chart instead of curves.
+    assert [p.name for p in make_table("table4", STORE, PAPER, tmp_path) if p.suffix == ".png"] == [
+        "table4.png"
+    ]
+
+
+def test_committed_smollm_table_is_what_the_store_gives(tmp_path):
+    """results/tables/table-smollm.md is what the committed records give (make table-smollm)."""
+    make_table("table-smollm", REPO / "results" / "runs", PAPER, tmp_path, plots=False)
+    committed = REPO / "results" / "tables" / "table-smollm.md"
+    assert committed.read_text(encoding="utf-8") == (tmp_path / "table-smollm.md").read_text(
+        encoding="utf-8"
+    ), "results/tables/table-smollm.md is stale: run `make table-smollm`"
+
+
+def test_smollm_table_picks_up_new_records(tmp_path):
+    """A record added under wikitext2_16w (as the ASVD jobs were) fills its cell automatically."""
+    import json
+    import shutil
+
+    committed = REPO / "results" / "runs" / "smollm2_135m" / "wikitext2_16w"
+    asvd_jobs = sorted(p.name for p in committed.glob("*method=asvd,*"))
+    assert len(asvd_jobs) == 4
+    store = tmp_path / "runs"
+    shutil.copytree(
+        committed.parent, store / "smollm2_135m", ignore=shutil.ignore_patterns("*method=asvd,*")
+    )
+    spec, paper = get_spec("table-smollm"), load_paper(PAPER)
+    before = build_table(spec, load_runs(store), paper)
+    assert cell(before, "ASVD", "WikiText-2", 0.2).reproduced is None
+    job = "method.sensitivity_samples=1,method=asvd,ratio=0.2"
+    shutil.copytree(committed / job, store / "smollm2_135m" / "wikitext2_16w" / job)
+    after = build_table(spec, load_runs(store), paper)
+    asvd = cell(after, "ASVD", "WikiText-2", 0.2)
+    recorded = json.loads((committed / job / "results.json").read_text())
+    assert asvd.reproduced == recorded["metrics"]["perplexity"]["wikitext2"]["ppl"]
+    assert asvd.truncated and asvd.run == f"smollm2_135m/wikitext2_16w/{job}/results.json"
+    assert cell(after, "ASVD", "WikiText-2", 0.3).reproduced is None
+    assert cell(after, "Original", "WikiText-2").reproduced == pytest.approx(20.713508755269686)
+
+
+def test_filters_match_none_floats_and_absent_columns():
+    import pandas as pd
+
+    from basis_sharing.tables.build import matching
+
+    frame = pd.DataFrame(
+        {"method": ["dense", "svd", "svd"], "target_ratio": [None, 0.2, 0.30000000000000004]}
+    )
+    assert matching(frame, {"target_ratio": None}).tolist() == [True, False, False]
+    assert matching(frame, {"target_ratio": 0.3}).tolist() == [False, False, True]
+    assert matching(frame, {"method": "svd", "target_ratio": 0.2}).tolist() == [False, True, False]
+    # A column no run has: only a "must be missing" filter matches, and later filters still apply.
+    assert matching(frame, {"acc.mean": None, "method": "svd"}).tolist() == [False, True, True]
+    assert not matching(frame, {"acc.mean": 0.5}).any()
