@@ -356,7 +356,12 @@ TABLE_SMOLLM = TableSpec(
         ppl_column("wikitext2"),
         Column("Achieved ratio", "achieved_ratio", kind="ratio"),
     ),
-    command="python run.py experiment=table_smollm -m",
+    command=(
+        "python run.py experiment=table_smollm method=dense,svd,fwsvd,svd_llm,basis_sharing -m`, "
+        "`python run.py experiment=table_smollm method=asvd method.sensitivity_samples=1 -m` (one "
+        "calibration block per ASVD sensitivity measurement, to fit the CPU budget) and "
+        "`python run.py experiment=table_smollm method=svd_llm,basis_sharing method.update=true -m"
+    ),
     notes=(
         "Perplexity on the first 16 WikiText-2 test windows of 2048 tokens (32,768 tokens); "
         "calibration on 64 x 512 tokens of the WikiText-2 validation split (seed 2023); "
