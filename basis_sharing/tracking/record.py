@@ -161,11 +161,12 @@ def summary_table(data: dict[str, Any]) -> str:
         lines.append(f"sample: {sample['prompt']!r} -> {sample['completion']!r}")
     stages = data.get("stages", {})
     if stages:
-        lines.append(f"{'stage':<14}{'wall s':>9}{'peak RSS MB':>13}{'CUDA peak MB':>14}")
+        width = max(14, *(len(name) + 2 for name in stages))
+        lines.append(f"{'stage':<{width}}{'wall s':>9}{'peak RSS MB':>13}{'CUDA peak MB':>14}")
         for name, s in stages.items():
             cuda = s.get("cuda_peak_mb")
             lines.append(
-                f"{name:<14}{s.get('wall_s', float('nan')):>9.2f}"
+                f"{name:<{width}}{s.get('wall_s', float('nan')):>9.2f}"
                 f"{s.get('peak_rss_mb', float('nan')):>13.1f}{'-' if cuda is None else cuda:>14}"
             )
     return "\n".join(lines)
