@@ -63,3 +63,37 @@ def test_basis_sharing_on_cuda_matches_cpu(tiny_model_dir, tiny_mirror, tmp_path
     assert cuda["params"] == cpu["params"]
     for name, result in cpu["metrics"]["perplexity"].items():
         assert cuda["metrics"]["perplexity"][name]["ppl"] == pytest.approx(result["ppl"], rel=1e-4)
+
+
+def test_throughput_and_samples_on_cuda(tiny_model_dir, tiny_mirror, tmp_path):
+    """The speed stages synchronise and report CUDA peaks; greedy samples match the CPU's."""
+    extra = (
+        "method=basis_sharing",
+        "calibration=wikitext2_cpu",
+        "calibration.n_samples=8",
+        "calibration.seq_len=32",
+        "calibration.gram_dtype=float64",
+        "ratio=0.3",
+        "ratio_tolerance=0.05",
+        "eval.throughput.enabled=true",
+        "eval.throughput.batch_size=4",
+        "eval.throughput.max_batches=2",
+        "eval.throughput.warmup=1",
+        "eval.throughput.new_tokens=4",
+        "eval.throughput.runs=1",
+        "eval.generation.prompts=[the king of the north]",
+        "eval.generation.max_new_tokens=4",
+    )
+    cuda = run_on("cuda", tiny_model_dir, tiny_mirror, tmp_path / "cuda", *extra)
+    cpu = run_on("cpu", tiny_model_dir, tiny_mirror, tmp_path / "cpu", *extra)
+    speed = cuda["metrics"]["throughput"]
+    for key in ("dense", "compressed"):
+        assert speed[key]["device"].startswith("cuda") and speed[key]["cuda_peak_mb"] > 0
+        assert speed[key]["forward"]["n_batches"] == 2
+        assert "cuda_peak_mb" not in cpu["metrics"]["throughput"][key]
+    assert (
+        speed["compressed"]["weights_mb"]
+        == cpu["metrics"]["throughput"]["compressed"]["weights_mb"]
+    )
+    assert cuda["stages"]["throughput_compressed"]["cuda_peak_mb"] > 0
+    assert cuda["generation_samples"] == cpu["generation_samples"]
