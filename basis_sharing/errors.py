@@ -27,6 +27,10 @@ class CalibrationError(UserError):
     """The calibration request cannot be satisfied by the chosen split."""
 
 
+class BadDataError(UserError):
+    """A data file (or hub split) is there but unusable: empty, undecodable or malformed rows."""
+
+
 def unknown_choice(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> ConfigError:
     """Build the standard "unknown X" error that lists every valid choice."""
     choices = ", ".join(sorted(valid))
