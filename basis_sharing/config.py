@@ -237,6 +237,7 @@ class Config:
     ratio_tolerance: float = 0.005  # a run fails when the achieved ratio misses ratio by more
     seed: int = 0
     device: str = "auto"  # auto = cuda when available, else cpu
+    threads: int | None = None  # CPU threads; None = the CPUs this process is allowed
     offline: bool = False  # never contact the hub, even when a file is missing locally
     save_model: bool = False  # save the compressed model to <run dir>/compressed_model
     load_model: str | None = None  # evaluate a saved compressed model (with method=none)

@@ -53,6 +53,7 @@ from basis_sharing.models.loading import (
     resolve_source,
     torch_dtype,
 )
+from basis_sharing.threads import apply_threads, check_threads
 from basis_sharing.tracking.loggers import make_logger
 from basis_sharing.tracking.record import RunRecord, summary_table
 from basis_sharing.tracking.resume import config_fingerprint, find_completed
@@ -96,6 +97,7 @@ def resolve_device(name: str) -> torch.device:
 def validate(cfg: DictConfig) -> Plan:
     """Check every setting that can be checked without data or weights."""
     check_schema(cfg)
+    check_threads(cfg.threads)
     if not 0.0 < cfg.ratio < 1.0:
         raise ConfigError(
             f"ratio={cfg.ratio} is outside (0, 1): it is the fraction of decoder-projection "
@@ -529,6 +531,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
             )
             return done[1]
     tracker = make_logger(cfg)  # logger=none: a no-op; checked before any work
+    threads = apply_threads(cfg.threads)  # before any work: sizes torch and BLAS pools
     torch.manual_seed(cfg.seed)
     record = RunRecord(
         out_dir,
@@ -548,6 +551,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
         dtype=cfg.model.dtype,
         context_length=cfg.model.context_length,
     )
+    record["environment"]["threads"] = threads
     record.write()
     with tracker.track(record):  # mirrors every record write; closes the tracker's run
         try:

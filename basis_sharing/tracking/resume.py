@@ -32,6 +32,7 @@ NON_RESULT_KEYS = (
     "hydra",
     "paths",
     "device",
+    "threads",  # like device: how fast, not what (the record keeps the count)
     "offline",
     "force",
     "logger",
