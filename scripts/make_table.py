@@ -1,6 +1,7 @@
 """Render paper-style tables from the results store.
 
     python scripts/make_table.py table1                 # results/tables/table1.{md,csv,tex,png}
+                                                        # and table1_acc.png, table1_rel.png
     python scripts/make_table.py table-smollm --no-plot
     python scripts/make_table.py all --runs tests/data/store --out /tmp/tables
 

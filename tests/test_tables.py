@@ -112,7 +112,14 @@ def test_table2_lists_the_unplaced_fragments(paper, tmp_path):
 def test_make_table_writes_every_format_and_the_plots(tmp_path):
     written = make_table("table1", STORE, PAPER, tmp_path)
     names = sorted(p.name for p in written)
-    assert names == ["table1.csv", "table1.md", "table1.png", "table1.tex", "table1_acc.png"]
+    assert names == [
+        "table1.csv",
+        "table1.md",
+        "table1.png",
+        "table1.tex",
+        "table1_acc.png",
+        "table1_rel.png",
+    ]
     for path in written:
         if path.suffix == ".png":
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
@@ -122,10 +129,134 @@ def test_make_table_writes_every_format_and_the_plots(tmp_path):
     ]
 
 
+def test_relative_png_only_for_ratio_sweeps_with_svd_llm(tmp_path):
+    # Table 6 sweeps the ratio but has no SVD-LLM row; Table 4 has one but a single ratio.
+    for name in ("table6", "table4"):
+        pngs = [p.name for p in make_table(name, STORE, PAPER, tmp_path) if p.suffix == ".png"]
+        assert pngs == [f"{name}.png"]
+    assert not list(tmp_path.glob("*_rel.png"))
+
+
+def relative_oracle(result, column_label: str, label: str, reported: bool):
+    """The ratio of the two table cells, at every ratio where both have a value."""
+    points = []
+    for ratio in (0.2, 0.3, 0.4, 0.5):
+        mine, ref = (
+            cell(result, label, column_label, ratio),
+            cell(result, "SVD-LLM", column_label, ratio),
+        )
+        if reported:
+            mine = mine.reported.value if mine.reported else None
+            ref = ref.reported.value if ref.reported else None
+        else:
+            mine, ref = mine.reproduced, ref.reproduced
+        if mine is not None and ref is not None:
+            points.append((ratio, mine / ref))
+    return tuple(points)
+
+
+def test_relative_series_are_ratios_of_the_table_cells(runs, paper):
+    from basis_sharing.tables.relative import relative_to_svd_llm
+
+    result = built("table1", runs, paper)
+    panels = relative_to_svd_llm(result)
+    assert [p.title for p in panels] == ["WikiText-2", "PTB", "C4"]
+    for panel in panels:
+        # No SVD-LLM series (it is the 1 line), no Original (no ratio); reproduced only where
+        # both cells were run; the paper gives every baseline at every ratio.
+        assert set(panel.series) == {
+            ("Basis Sharing", False),
+            *((m, True) for m in ("SVD", "FWSVD", "ASVD", "Basis Sharing")),
+        }
+        assert panel.mismatched == ()
+        for (label, reported), points in panel.series.items():
+            assert points == relative_oracle(result, panel.title, label, reported)
+    wikitext = panels[0].series
+    # Basis Sharing has a 30 % run (9.31) but SVD-LLM has none there: no point, never filled.
+    assert wikitext[("Basis Sharing", False)] == ((0.2, 7.7012 / 7.9812),)
+    assert wikitext[("ASVD", True)][1] == (0.3, 51.0 / 9.56)
+    assert len(wikitext[("Basis Sharing", True)]) == 4
+
+
+def test_relative_series_leave_out_cells_on_another_protocol(runs, paper):
+    from basis_sharing.tables.relative import relative_to_svd_llm
+
+    result = built("table1", runs, paper)
+    cell(result, "SVD-LLM", "WikiText-2", 0.2).truncated = True  # as if run on max_windows
+    wikitext, ptb = relative_to_svd_llm(result)[:2]
+    assert ("Basis Sharing", False) not in wikitext.series
+    assert wikitext.mismatched == ("Basis Sharing 20%",)
+    assert wikitext.series[("Basis Sharing", True)][0] == (0.2, 7.74 / 7.94)  # the paper's stay
+    assert ptb.series[("Basis Sharing", False)] == ((0.2, 17.9 / 17.6),)
+
+
+def test_relative_series_empty_without_an_svd_llm_row(runs, paper):
+    from basis_sharing.tables.relative import relative_to_svd_llm
+
+    assert relative_to_svd_llm(built("table6", runs, paper)) == []
+    assert relative_to_svd_llm(built("table2", runs, paper)) == []
+
+
+def test_relative_series_refuse_two_svd_llm_rows_at_one_ratio(paper, tmp_path):
+    import dataclasses
+
+    from basis_sharing.tables.relative import relative_to_svd_llm
+    from basis_sharing.tables.specs import method_row
+
+    spec = get_spec("table1")
+    spec = dataclasses.replace(spec, rows=(*spec.rows, method_row("svd_llm", 0.2)))
+    result = build_table(spec, load_runs(tmp_path), paper)
+    with pytest.raises(ValueError, match="Two SVD-LLM rows at 20% in column 'WikiText-2'"):
+        relative_to_svd_llm(result)
+
+
+def test_smollm_relative_panel_keeps_the_axis_for_the_whitened_methods(paper):
+    import matplotlib.pyplot as plt
+
+    from basis_sharing.tables.plots import _relative_panel
+    from basis_sharing.tables.relative import relative_to_svd_llm
+
+    result = build_table(get_spec("table-smollm"), load_runs(REPO / "results" / "runs"), paper)
+    (panel,) = relative_to_svd_llm(result)
+    for label in ("Basis Sharing", "SVD-LLM + update", "ASVD", "SVD"):
+        assert panel.series[(label, False)] == relative_oracle(result, "WikiText-2", label, False)
+    fig, ax = plt.subplots()
+    try:
+        _relative_panel(ax, panel, {}, with_paper=False)
+        drawn = [line.get_label() for line in ax.get_lines()]
+        notes = "\n".join(t.get_text() for t in ax.texts)
+        low, high = ax.get_ylim()
+    finally:
+        plt.close(fig)
+    # SVD (1e8 perplexity) and FWSVD are beyond 2x everywhere: named, not drawn.
+    named = [label for label in drawn if not label.startswith("_")]  # "_": edge triangles
+    assert named == [
+        "SVD-LLM (= 1)",
+        "ASVD",
+        "SVD-LLM + update",
+        "Basis Sharing",
+        "Basis Sharing + update",
+    ]
+    svd_min = min(y for _, y in panel.series[("SVD", False)])
+    assert f"SVD (>= {svd_min:.3g}×)" in notes and "FWSVD (>= " in notes
+    # ASVD's 30-50 % points are triangles at the edge with their value.
+    assert len(drawn) - len(named) == 3
+    asvd = dict(panel.series[("ASVD", False)])
+    assert f"{asvd[0.5]:.3g}×" in notes and "points above 2×" in notes
+    shown = [y for (_, _), pts in panel.series.items() for _, y in pts if 0.5 <= y <= 2.0]
+    assert low < min(shown) and max(shown) < high < 2.0
+
+
 def test_committed_smollm_table_is_what_the_store_gives(tmp_path):
-    """results/tables/table-smollm.md is what the committed records give (make table-smollm)."""
-    make_table("table-smollm", REPO / "results" / "runs", PAPER, tmp_path, plots=False)
-    committed = REPO / "results" / "tables" / "table-smollm.md"
+    """results/tables/table-smollm.md is what the committed records give (make table-smollm),
+    and every file the table writes (the relative-to-SVD-LLM plot too) is committed."""
+    written = make_table("table-smollm", REPO / "results" / "runs", PAPER, tmp_path)
+    tables = REPO / "results" / "tables"
+    assert sorted(p.name for p in written if not (tables / p.name).is_file()) == [], (
+        "run `make table-smollm` and commit its files"
+    )
+    assert (tmp_path / "table-smollm_rel.png").is_file()
+    committed = tables / "table-smollm.md"
     assert committed.read_text(encoding="utf-8") == (tmp_path / "table-smollm.md").read_text(
         encoding="utf-8"
     ), "results/tables/table-smollm.md is stale: run `make table-smollm`"

@@ -1,6 +1,6 @@
 """Paper-style tables and plots built only from the results store and the paper's numbers.
 
-make_table("table1")   # -> results/tables/table1.{md,csv,tex} and table1.png, table1_acc.png
+make_table("table1")   # -> results/tables/table1.{md,csv,tex}, table1.png, _acc.png, _rel.png
 """
 
 from __future__ import annotations
