@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from basis_sharing.calibration.grams import GramStats, accumulate_dtype_name
+from basis_sharing.files import new_file_mode
 
 if TYPE_CHECKING:
     import numpy as np
@@ -155,6 +156,9 @@ def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(
+            tmp, new_file_mode()
+        )  # mkstemp's 0600 would lock other users out of a shared cache
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

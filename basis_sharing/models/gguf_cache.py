@@ -10,6 +10,7 @@ stale copy; a damaged or incomplete cache entry is detected and converted again.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata as md
 import json
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from basis_sharing.errors import ConfigError
+from basis_sharing.files import exclusive_lock, publish_modes
 from basis_sharing.hashing import file_sha256
 
 log = logging.getLogger(__name__)
@@ -92,20 +94,24 @@ def write_manifest(path: Path, source: str) -> None:
 def ensure_converted(gguf: Path, dtype: str, cache_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Directory holding the converted model, converting (again) when needed.
 
+    Concurrent processes (two runs started together, a SLURM array on a shared cache) take turns
+    on the entry's lock: the first converts, the others wait and then find a valid entry.
+
     Returns:
         The directory and provenance (GGUF sha256, dtype, converter version, cache hit or not).
     """
     target, info = cache_entry(gguf, dtype, cache_dir)
-    if target.exists():
-        problem = verify_entry(target)
-        if problem is None:
-            log.info("Embedded model from cache %s", target)
-            return target, {**info, "cache": str(target), "cache_hit": True}
-        log.warning(
-            "Cached model %s is unusable (%s); converting the GGUF file again", target, problem
-        )
-        shutil.rmtree(target)
-    convert_gguf(gguf, dtype, target)
+    with exclusive_lock(target.with_name(f"{target.name}.lock"), f"the model cache {target}"):
+        if target.exists():
+            problem = verify_entry(target)
+            if problem is None:
+                log.info("Embedded model from cache %s", target)
+                return target, {**info, "cache": str(target), "cache_hit": True}
+            log.warning(
+                "Cached model %s is unusable (%s); converting the GGUF file again", target, problem
+            )
+            shutil.rmtree(target)
+        convert_gguf(gguf, dtype, target)
     return target, {**info, "cache": str(target), "cache_hit": False}
 
 
@@ -131,10 +137,25 @@ def convert_gguf(gguf: Path, dtype: str, target: Path) -> None:
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp, source=str(gguf))
+        publish_modes(tmp)
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, target)
+        _publish(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename the finished conversion into place, keeping a valid entry another writer published.
+
+    Without working file locks two converters can race; the loser's rename onto the winner's
+    non-empty directory fails, and the winner's entry is as good as its own.
+    """
+    try:
+        os.replace(tmp, target)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or verify_entry(target) is not None:
+            raise
+        log.info("Another process published %s first; using its entry", target)
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
