@@ -20,6 +20,11 @@ from basis_sharing.tracking.resources import measure
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
+# A rerun (force=true, or another configuration in the same job directory) writes here until it
+# completes, so a completed results.json is never lost to a run that then fails; the record it
+# replaces is kept as PREVIOUS_FILE.
+PENDING_FILE = "results.pending.json"
+PREVIOUS_FILE = "results.previous.json"
 
 
 def _now() -> str:
@@ -31,7 +36,8 @@ class RunRecord:
 
     def __init__(self, out_dir: str | Path, config: dict[str, Any], **fields: Any) -> None:
         self.out_dir = Path(out_dir)
-        self.path = self.out_dir / RESULTS_FILE
+        self.final_path = self.out_dir / RESULTS_FILE
+        self.path = self.out_dir / PENDING_FILE if _completed(self.final_path) else self.final_path
         # Called with the record's data after every write (experiment trackers mirror results as
         # they are produced, without the pipeline knowing about them).
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -71,7 +77,13 @@ class RunRecord:
     def finish(self) -> Path:
         self.data["status"] = "completed"
         self.data["finished_at"] = _now()
-        return self.write()
+        self.write()
+        if self.path != self.final_path:  # only now may the earlier completed record go
+            if self.final_path.exists():
+                os.replace(self.final_path, self.out_dir / PREVIOUS_FILE)
+            os.replace(self.path, self.final_path)
+            self.path = self.final_path
+        return self.path
 
     def fail(self, exc: BaseException) -> Path:
         self.data["status"] = "failed"
@@ -87,6 +99,13 @@ class RunRecord:
         for listener in list(self.listeners):
             listener(self.data)
         return self.path
+
+
+def _completed(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("status") == "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_record(path: str | Path) -> dict[str, Any]:

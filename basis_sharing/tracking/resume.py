@@ -25,7 +25,10 @@ from basis_sharing.tracking.record import RESULTS_FILE
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_VERSION = 1
+# 2: save_model, save_model_overwrite and threads left the fingerprint (they change no result),
+# and the GQA default (narrow k/v private) changed what a config without method.shared computes,
+# so records fingerprinted by version 1 are recomputed rather than reused.
+FINGERPRINT_VERSION = 2
 
 # Keys (dotted paths) that do not change what a run computes.
 NON_RESULT_KEYS = (
@@ -38,6 +41,9 @@ NON_RESULT_KEYS = (
     "logger",
     "experiment_name",  # only groups runs in the tracker
     "method.decomposition_cache_mb",
+    "save_model",  # resuming a run that saved no model with save_model=true recomputes it
+    "save_model_overwrite",
+    "threads",
 )
 
 
@@ -92,7 +98,12 @@ def find_completed(
     stored = record.get("config")
     if not isinstance(stored, dict):
         return None
-    if config_fingerprint(stored) != config_fingerprint(config):
+    current = config_fingerprint(config)
+    if config_fingerprint(stored) != current:
         log.info("%s holds a completed run of another configuration; recomputing.", path)
+        return None
+    if record.get("fingerprint") not in (None, current):
+        # The same config meant something else to the version that wrote it (a changed default).
+        log.info("%s was fingerprinted by an older version of this code; recomputing.", path)
         return None
     return path, record
