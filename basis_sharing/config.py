@@ -240,6 +240,7 @@ class Config:
     threads: int | None = None  # CPU threads; None = the CPUs this process is allowed
     offline: bool = False  # never contact the hub, even when a file is missing locally
     save_model: bool = False  # save the compressed model to <run dir>/compressed_model
+    save_model_overwrite: bool = False  # let save_model replace a model saved there earlier
     load_model: str | None = None  # evaluate a saved compressed model (with method=none)
     force: bool = False  # recompute even when the job's output dir holds a completed run of it
     experiment_name: str | None = None  # set by conf/experiment/*.yaml; the W&B group

@@ -44,7 +44,13 @@ from basis_sharing.evaluation.zeroshot import (
 )
 from basis_sharing.methods import get_method
 from basis_sharing.methods.registry import CompressionContext, CompressionMethod
-from basis_sharing.models.compressed_io import load_compressed, read_manifest, save_compressed
+from basis_sharing.models.compressed_io import (
+    check_target,
+    load_compressed,
+    read_manifest,
+    require_tokenizer,
+    save_compressed,
+)
 from basis_sharing.models.families import get_family
 from basis_sharing.models.loading import (
     ModelSource,
@@ -62,6 +68,7 @@ log = logging.getLogger(__name__)
 
 
 THROUGHPUT_CORPUS = ("wikitext2", "validation")  # method-spec.md 2.3
+SAVED_MODEL = "compressed_model"  # save_model=true writes <run dir>/compressed_model
 
 
 @dataclass
@@ -126,6 +133,7 @@ def validate(cfg: DictConfig) -> Plan:
                 f"(not method={cfg.method.name})."
             )
         manifest, _ = read_manifest(Path(cfg.load_model).expanduser())
+        require_tokenizer(Path(cfg.load_model).expanduser(), manifest)
         saved_from = manifest.get("info", {}).get("model_name")
         if saved_from is not None and saved_from != cfg.model.name:
             raise ConfigError(
@@ -478,8 +486,20 @@ def save_model(cfg: DictConfig, model, family, tokenizer, record: RunRecord) -> 
         "git": record["environment"]["git"],
     }
     return save_compressed(
-        model, record.out_dir / "compressed_model", family=family, tokenizer=tokenizer, info=info
+        model,
+        record.out_dir / SAVED_MODEL,
+        family=family,
+        tokenizer=tokenizer,
+        info=info,
+        overwrite=cfg.save_model_overwrite,
     )
+
+
+def check_save_target(cfg: DictConfig, out_dir: Path) -> None:
+    """An earlier save in the run directory is refused now, not after the compression."""
+    if cfg.save_model:
+        how = "set save_model_overwrite=true"
+        check_target(out_dir / SAVED_MODEL, cfg.save_model_overwrite, how)
 
 
 def dense_weights_of(model, family, layout: list[dict]) -> int:
@@ -530,6 +550,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
                 fingerprint,
             )
             return done[1]
+    check_save_target(cfg, out_dir)  # after the resume check: a skipped job saves nothing
     tracker = make_logger(cfg)  # logger=none: a no-op; checked before any work
     threads = apply_threads(cfg.threads)  # before any work: sizes torch and BLAS pools
     torch.manual_seed(cfg.seed)

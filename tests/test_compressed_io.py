@@ -17,6 +17,7 @@ from basis_sharing.calibration.grams import collect_grams
 from basis_sharing.config import BasisSharingMethodConfig, WhitenedSVDMethodConfig
 from basis_sharing.errors import UserError
 from basis_sharing.evaluation.params import count_projection_weights, count_total
+from basis_sharing.hashing import file_sha256
 from basis_sharing.methods.basis_sharing import SVDLLM, BasisSharing
 from basis_sharing.methods.registry import CompressionContext
 from basis_sharing.models.compressed_io import (
@@ -27,6 +28,7 @@ from basis_sharing.models.compressed_io import (
     save_compressed,
 )
 from basis_sharing.models.families import family_for_model_type
+from basis_sharing.models.integrity import seal
 from basis_sharing.modules import LowRankLinear, SharedBasisLinear
 
 CASES = [
@@ -135,7 +137,16 @@ def test_layout_lists_exactly_the_compressed_projections(saved_llama):
     }
     assert layout[(0, "o")]["type"] == "lowrank" and layout[(0, "o")]["basis_key"] is None
     assert set(manifest["packages"]) >= {"torch", "transformers", "basis-sharing"}
-    assert manifest["format_version"] == 1 and len(manifest["weights_sha256"]) == 64
+    assert manifest["format_version"] == 2 and "weights_sha256" not in manifest
+    files = {p.name for p in saved_llama[0].iterdir()} - {MANIFEST}
+    assert manifest["files"] == {
+        name: {
+            "sha256": file_sha256(saved_llama[0] / name),
+            "bytes": (saved_llama[0] / name).stat().st_size,
+        }
+        for name in files
+    }
+    assert set(manifest["sections_sha256"]) == set(manifest) - {"sections_sha256"}
 
 
 def test_dense_model_is_never_materialised(saved_llama, monkeypatch):
@@ -204,8 +215,11 @@ def test_unknown_module_is_refused(tmp_path):
 
 
 def _edit_manifest(path: Path, edit) -> None:
+    """Edit compression.json and reseal it, as a writer's bug would: the edit passes the section
+    digests (tests/test_saved_integrity.py covers those), so the checks behind them are reached."""
     manifest = json.loads((path / MANIFEST).read_text())
     edit(manifest)
+    seal(manifest)
     (path / MANIFEST).write_text(json.dumps(manifest))
 
 

@@ -8,14 +8,19 @@ basis) goes into ``compression.json``; loading rebuilds the module tree from tha
 meta device and assigns the saved tensors, so the dense model is never materialised.
 
 A directory holds ``model.safetensors``, ``compression.json``, the base model's ``config.json``,
-``generation_config.json`` when the model has one, and the tokenizer files when given.
+``generation_config.json`` when the model has one, and the tokenizer files when given. The
+manifest lists the sha256 and size of every other file and a sha256 of each of its own sections
+(see ``basis_sharing.models.integrity``), and reading it verifies them all.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
+import errno
 import json
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -25,27 +30,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from basis_sharing.errors import UserError
-from basis_sharing.hashing import file_sha256
+from basis_sharing.files import publish_modes
+from basis_sharing.models import integrity
 from basis_sharing.models.families import FAMILIES, FamilyAdapter, get_family
+from basis_sharing.models.integrity import MANIFEST, WEIGHTS, CompressedModelError
 from basis_sharing.models.loading import torch_dtype
 from basis_sharing.modules import SHARED_BASES, LowRankLinear, SharedBasisLinear, shared_bases
 from basis_sharing.tracking.environment import package_versions
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MANIFEST = "compression.json"
-WEIGHTS = "model.safetensors"
-REQUIRED_KEYS = ("format_version", "family", "layout", "weights_sha256")
+# Format 2 checksums every file and the manifest's sections; format 1 only the weights.
+FORMAT_VERSION = 2
+REQUIRED_KEYS = {
+    1: ("format_version", "family", "layout", "weights_sha256"),
+    2: ("format_version", "family", "layout", "info", integrity.FILES_KEY, integrity.SECTIONS_KEY),
+}
 ENTRY_KEYS = ("layer", "kind", "type", "rank", "d_in", "d_out", "bias", "basis_key")
 LOWRANK, SHARED = "lowrank", "shared"
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 _PACKAGES = ("torch", "transformers", "safetensors", "basis-sharing")
-
-
-class CompressedModelError(UserError):
-    """A compressed-model directory cannot be written or read back as it is."""
 
 
 @dataclass
@@ -74,7 +78,9 @@ def save_compressed(
     """Write ``model`` (compressed in place by a method) so that ``load_compressed`` rebuilds it.
 
     Everything is written into a temporary sibling directory first and moved into place at the
-    end, so an interrupted save never leaves a directory that looks complete.
+    end, so an interrupted save never leaves a directory that looks complete, and an overwritten
+    save stays whole until the new one replaces it. Files and the directory get the usual
+    permissions of the user's umask (0644 / 0755 for umask 022), so a saved model can be shared.
 
     Args:
         info: what produced the model (method, ratio, groups, base model id and revision...),
@@ -84,7 +90,7 @@ def save_compressed(
         The directory written.
     """
     target = Path(directory).expanduser()
-    _check_target(target, overwrite)
+    check_target(target, overwrite)
     manifest = {
         "format_version": FORMAT_VERSION,
         "family": family.name,
@@ -96,6 +102,7 @@ def save_compressed(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         _write_files(model, staging, tokenizer, manifest)
+        publish_modes(staging)  # mkdtemp and safetensors create 0700 / 0600
         _move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -167,8 +174,12 @@ def _check_registry_is_used(registry: nn.ModuleDict | None, layout: list[dict]) 
         )
 
 
-def _check_target(target: Path, overwrite: bool) -> None:
-    """Refuse to clobber anything that is not an earlier compressed model we may replace."""
+def check_target(target: Path, overwrite: bool, how: str = "pass overwrite=True") -> None:
+    """Refuse to clobber anything that is not an earlier compressed model we may replace.
+
+    Args:
+        how: how the caller's user allows replacing a save (the pipeline names its config key).
+    """
     if not target.exists():
         return
     if not target.is_dir():
@@ -178,7 +189,7 @@ def _check_target(target: Path, overwrite: bool) -> None:
     if not overwrite:
         raise CompressedModelError(
             f"Cannot save a compressed model to {target}: the directory is not empty. Choose "
-            "another directory or pass overwrite=True to replace a compressed model saved there."
+            f"another directory or {how} to replace a compressed model saved there."
         )
     if not (target / MANIFEST).is_file():
         raise CompressedModelError(
@@ -209,20 +220,54 @@ def _write_files(model: nn.Module, out: Path, tokenizer: Any | None, manifest: d
         model.generation_config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    manifest["weights_sha256"] = file_sha256(out / WEIGHTS)
+    manifest[integrity.FILES_KEY] = integrity.file_checksums(out)
     manifest["packages"] = package_versions(_PACKAGES)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    # Seal what will be read back: JSON turns tuples into lists and int keys into strings.
+    sealed = json.loads(json.dumps(manifest))
+    integrity.seal(sealed)
+    (out / MANIFEST).write_text(json.dumps(sealed, indent=2) + "\n", encoding="utf-8")
 
 
 def _move_into_place(staging: Path, target: Path) -> None:
-    """Replace ``target`` by ``staging``; the old contents are removed only after the move."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{staging.name.rsplit('-', 1)[-1]}")
-        target.rename(old)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old)
+    """Replace ``target`` by ``staging``; the old contents are removed only after the move.
+
+    Over an earlier save the two directories are swapped in one atomic exchange where the OS
+    allows it, so ``target`` is always a whole model. Elsewhere the old one is renamed aside
+    first and renamed back if the move fails; only a kill between the two renames leaves
+    ``target`` absent, with the old model intact in ``.<name>.old-*`` next to it.
+    """
+    if not target.exists():
+        staging.rename(target)
+        return
+    if _exchange(staging, target):
+        shutil.rmtree(staging)  # now holds the old save
+        return
+    old = target.with_name(f".{target.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+    target.rename(old)
+    try:
+        staging.rename(target)
+    except BaseException:
+        old.rename(target)
+        raise
+    shutil.rmtree(old)
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100  # linux/fs.h, fcntl.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux's renameat2; False where it is not available."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    done = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if done == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False  # kernel or file system without the exchange: use the two renames
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,7 +281,7 @@ def load_compressed(
 ) -> LoadedCompressed:
     """Rebuild a model written by ``save_compressed``, in eval mode, on ``device``.
 
-    The manifest and the checksum of the weights are checked before any model is built. The
+    The manifest and the checksum of every file are checked before any model is built. The
     skeleton is created on the meta device (buffers such as RoPE's ``inv_freq`` are computed for
     real, they are not saved), the compressed modules are installed from the layout, and the saved
     tensors are assigned in place, so peak memory is about the size of the compressed weights.
@@ -263,7 +308,14 @@ def load_compressed(
 
 
 def read_manifest(path: Path) -> tuple[dict[str, Any], FamilyAdapter]:
-    """Parse and validate compression.json; any problem names the file and what is wrong."""
+    """Parse and validate compression.json and the files it lists; problems name the file.
+
+    Verified here: the manifest's sections against their digests, every listed file present
+    and no unlisted one, and the sha256 of every file but the weights: they are the one large
+    file, so only their size is checked here and ``verify_weights`` hashes them when the model
+    is loaded. A format-1 manifest (weights checksum only) is read with a warning saying what
+    is not verified.
+    """
     file = path / MANIFEST
     if not file.is_file():
         raise CompressedModelError(
@@ -276,29 +328,46 @@ def read_manifest(path: Path) -> tuple[dict[str, Any], FamilyAdapter]:
     if not isinstance(manifest, dict):
         kind = type(manifest).__name__
         raise CompressedModelError(f"{file} must hold a JSON object, not a {kind}.")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    version = manifest.get("format_version")
+    if version is not None and (isinstance(version, bool) or version not in REQUIRED_KEYS):
+        raise CompressedModelError(
+            f"{file} has format_version {version!r}; this version of basis-sharing reads "
+            f"format_version {' or '.join(map(str, REQUIRED_KEYS))}. Load it with the version "
+            f"that wrote it (see 'packages' in {MANIFEST})."
+        )
+    missing = [k for k in REQUIRED_KEYS.get(version, ("format_version",)) if k not in manifest]
     if missing:
         raise CompressedModelError(f"{file} lacks the required key(s) {missing}.")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise CompressedModelError(
-            f"{file} has format_version {manifest['format_version']!r}; this version of "
-            f"basis-sharing reads format_version {FORMAT_VERSION}. Load it with the version that "
-            f"wrote it (see 'packages' in {MANIFEST})."
-        )
+    if version >= 2:
+        integrity.check_sections(file, manifest)
     if manifest["family"] not in FAMILIES:
         raise CompressedModelError(
             f"{file} names the unknown model family {manifest['family']!r}. Valid choices: "
             f"{', '.join(sorted(FAMILIES))}."
         )
     family = get_family(manifest["family"])
-    sha = manifest["weights_sha256"]
-    if not (isinstance(sha, str) and len(sha) == 64):
-        raise CompressedModelError(f"{file}: weights_sha256 must be a 64-digit hex string.")
     problems = layout_problems(manifest["layout"], family)
     if problems:
         raise CompressedModelError(f"{file} has a malformed layout:\n  " + "\n  ".join(problems))
+    if version == 1:
+        sha = manifest["weights_sha256"]
+        if not (isinstance(sha, str) and len(sha) == 64):
+            raise CompressedModelError(f"{file}: weights_sha256 must be a 64-digit hex string.")
+        integrity.check_version_1(path)
+    else:
+        integrity.check_files(path, manifest, hash_weights=False)
     manifest.setdefault("info", {})
     return manifest, family
+
+
+def require_tokenizer(path: Path, manifest: dict[str, Any]) -> None:
+    """Evaluating a saved model tokenizes text with the tokenizer saved next to it."""
+    if not integrity.has_tokenizer(path, manifest):
+        raise CompressedModelError(
+            f"{path} was saved without a tokenizer (no {integrity.TOKENIZER_CONFIG}), so its "
+            "evaluation text cannot be tokenized. Save it with one: save_compressed(..., "
+            "tokenizer=...), as save_model=true does."
+        )
 
 
 def layout_problems(layout: Any, family: FamilyAdapter) -> list[str]:
@@ -357,14 +426,14 @@ def verify_weights(path: Path, manifest: dict[str, Any]) -> None:
     """The weights must be the bytes that were saved: a flipped byte would load silently."""
     file = path / WEIGHTS
     if not file.is_file():
-        raise CompressedModelError(f"{file} not found; the compressed model is incomplete.")
-    actual = file_sha256(file)
-    if actual != manifest["weights_sha256"]:
         raise CompressedModelError(
-            f"{file} does not match the checksum in {path / MANIFEST} (weights_sha256 "
-            f"{manifest['weights_sha256']}, file has {actual}): the file is corrupted or was "
-            "changed after saving. Save the model again."
+            f"{file} not found; the compressed model is incomplete. {integrity.redo(WEIGHTS)}"
         )
+    if integrity.FILES_KEY in manifest:
+        expected = manifest[integrity.FILES_KEY][WEIGHTS]["sha256"]
+    else:
+        expected = manifest["weights_sha256"]  # format 1
+    integrity.check_file_sha256(file, expected)
 
 
 def _read_config(path: Path, family: FamilyAdapter):
