@@ -23,7 +23,7 @@ from basis_sharing.calibration.collect import collect_statistic
 from basis_sharing.config import check_schema
 from basis_sharing.data.calibration import sample_calibration_blocks
 from basis_sharing.data.corpora import Corpus, get_corpus_spec, load_corpus, split_source
-from basis_sharing.data.tokens import token_hash, tokenize_text
+from basis_sharing.data.tokens import token_hash, tokenize_split, tokenize_text
 from basis_sharing.errors import ConfigError, UserError, unknown_choice
 from basis_sharing.evaluation.generation import generation_samples
 from basis_sharing.evaluation.params import dense_projection_weights, parameter_report
@@ -204,7 +204,7 @@ def tokenize_corpora(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Perplexity ids per dataset, and the calibration blocks; hashes go to the record."""
     eval_ids = {
-        name: tokenize_text(tokenizer, corpus.text(max_rows=PPL_SPLITS[name][1]))
+        name: tokenize_split(tokenizer, corpus, max_rows=PPL_SPLITS[name][1])
         for name, corpus in evals.items()
     }
     record["hashes"]["eval"] = {name: token_hash(ids) for name, ids in eval_ids.items()}
@@ -216,7 +216,7 @@ def tokenize_corpora(
             c.n_samples,
             c.seq_len,
             c.seed,
-            source=f"{c.dataset}/{c.split}",
+            source=calib.describe(),
         )
         record["hashes"]["calibration"] = token_hash(calib_ids)
         save_calibration_ids(calib_ids, record.out_dir)

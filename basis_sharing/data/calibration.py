@@ -32,13 +32,20 @@ def sample_calibration_blocks(
         (n_samples, seq_len) int64 block ids, in the order the permutation chose them.
 
     Raises:
-        CalibrationError: the split holds fewer than ``n_samples`` blocks; says how many it holds.
+        CalibrationError: the split holds fewer than ``n_samples`` blocks (or none: shorter than
+            one block); says how many tokens and blocks it holds.
     """
     if n_samples < 1 or seq_len < 1:
         raise CalibrationError(
             f"calibration.n_samples ({n_samples}) and calibration.seq_len ({seq_len}) must be >= 1."
         )
     n_blocks = count_blocks(ids.numel(), seq_len)
+    if n_blocks == 0:
+        raise CalibrationError(
+            f"{source} holds {ids.numel()} tokens, fewer than one calibration block of "
+            f"calibration.seq_len={seq_len} tokens, so no calibration sample can be cut from it. "
+            "Use a larger calibration split or a shorter calibration.seq_len."
+        )
     if n_samples > n_blocks:
         raise CalibrationError(
             f"Asked for {n_samples} calibration samples of {seq_len} tokens, but {source} holds "

@@ -14,15 +14,22 @@ Mirror layout (``paths.data_dir``; ``../shared/assets/README.md`` documents the 
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from basis_sharing.errors import DataNotFoundError, unknown_choice
+from basis_sharing.data.rows import (
+    REPAIR_HINT,
+    element_line,
+    gzip_lines,
+    json_kind,
+    json_line_objects,
+    read_json_list,
+    read_text_file,
+)
+from basis_sharing.errors import BadDataError, DataNotFoundError, unknown_choice
 from basis_sharing.hub import hub_available
 
 log = logging.getLogger(__name__)
@@ -40,7 +47,7 @@ def read_wikitext_raw(path: Path) -> list[str]:
     The release marks paragraph breaks with lines holding a single space; the hub turns those into
     empty rows and keeps the newline on every other line.
     """
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_text_file(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     return ["" if not line.strip() else line + "\n" for line in lines]
@@ -48,16 +55,29 @@ def read_wikitext_raw(path: Path) -> list[str]:
 
 def read_ptb_txt(path: Path) -> list[str]:
     """Rows of Mikolov's PTB text file: the hub's ``ptb_text_only`` strips every line."""
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_text_file(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     return [line.strip() for line in lines]
 
 
 def read_json_lines_gz(path: Path) -> list[str]:
-    """The ``text`` field of each record of a gzipped JSON-lines shard (C4)."""
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f if line.strip()]
+    """The ``text`` field of each record of a gzipped JSON-lines shard (C4).
+
+    Raises:
+        BadDataError: not gzip or truncated, or a line that is not a JSON object with a string
+            ``text``; names the file and the line.
+    """
+    rows = []
+    for number, record in json_line_objects(gzip_lines(path), path):
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise BadDataError(
+                f"{path} line {number} has no string field 'text' (found "
+                f"{json_kind(text) if 'text' in record else 'no such field'}). " + REPAIR_HINT
+            )
+        rows.append(text)
+    return rows
 
 
 def alpaca_text(record: dict[str, str]) -> str:
@@ -76,8 +96,35 @@ def alpaca_text(record: dict[str, str]) -> str:
     return f"{head}\n\n### Response:\n{record['output']}"
 
 
+def alpaca_problem(record: Any) -> str | None:
+    """What makes ``record`` unusable as an Alpaca record, or None when it is fine."""
+    if not isinstance(record, dict):
+        return f"is a JSON {json_kind(record)}, not an object"
+    for key in ("instruction", "output"):
+        if not isinstance(record.get(key), str):
+            return f"has no string field '{key}'"
+    if not isinstance(record.get("input"), str | None):
+        return f"has a field 'input' that is a JSON {json_kind(record['input'])}, not a string"
+    return None
+
+
 def read_alpaca_json(path: Path) -> list[str]:
-    return [alpaca_text(r) for r in json.loads(path.read_text(encoding="utf-8"))]
+    """Rows of the Stanford Alpaca release: a JSON list of {instruction, input, output} records.
+
+    Raises:
+        BadDataError: not JSON, not a list, or a record without string fields; names the file,
+            the record (1-based) and its line.
+    """
+    text, records = read_json_list(path)
+    for index, record in enumerate(records):
+        problem = alpaca_problem(record)
+        if problem is not None:
+            raise BadDataError(
+                f"{path} record {index + 1} of {len(records)} (line {element_line(text, index)}) "
+                f"{problem}; an Alpaca record has string fields instruction, input and output. "
+                + REPAIR_HINT
+            )
+    return [alpaca_text(r) for r in records]
 
 
 @dataclass(frozen=True)
@@ -186,6 +233,10 @@ class Corpus:
         rows = self.rows if max_rows is None else self.rows[:max_rows]
         return join.join(rows)
 
+    def describe(self) -> str:
+        """e.g. ``wikitext2/test (data/wikitext-2-raw-v1/wiki.test.raw)``, for messages."""
+        return f"{self.name}/{self.split} ({self.source})"
+
     def provenance(self) -> dict[str, Any]:
         return {
             "dataset": self.name,
@@ -229,7 +280,9 @@ def load_corpus(name: str, split: str, data_dir: str | Path, offline: bool = Fal
     source = split_source(name, split)
     path = find_mirror_file(data_dir, name, split)
     if path is not None:
-        return Corpus(name, split, spec.read_mirror(path), str(path))
+        corpus = Corpus(name, split, spec.read_mirror(path), str(path))
+        require_text(corpus, spec, REPAIR_HINT)
+        return corpus
     if not hub_available(offline):
         expected = Path(data_dir).expanduser() / source.mirror_files[0]
         raise DataNotFoundError(
@@ -237,7 +290,30 @@ def load_corpus(name: str, split: str, data_dir: str | Path, offline: bool = Fal
             "the Hugging Face hub is unreachable (or offline=true), so it cannot be downloaded. "
             + PREPARE_HINT.format(data_dir=data_dir)
         )
-    return Corpus(name, split, load_hub_rows(spec, source), hub_label(spec, source))
+    corpus = Corpus(name, split, load_hub_rows(spec, source), hub_label(spec, source))
+    require_text(corpus, spec, "Check the hub dataset, or provide the split in the data mirror.")
+    return corpus
+
+
+def require_text(corpus: Corpus, spec: CorpusSpec, hint: str) -> None:
+    """Refuse a split with no text: it would give a NaN perplexity or no calibration block.
+
+    Raises:
+        BadDataError: the split has no rows, only blank ones, or (hub) a row that is not a
+            string; names the file or hub dataset.
+    """
+    bad = next((i for i, row in enumerate(corpus.rows) if not isinstance(row, str)), None)
+    if bad is not None:
+        raise BadDataError(
+            f"{spec.title} split '{corpus.split}' from {corpus.source}: row {bad + 1} is "
+            f"{json_kind(corpus.rows[bad])}, not text. {hint}"
+        )
+    if not any(row.strip() for row in corpus.rows):
+        held = "no rows" if not corpus.rows else f"only blank rows ({len(corpus.rows)})"
+        raise BadDataError(
+            f"{spec.title} split '{corpus.split}' at {corpus.source} holds {held}: there is "
+            f"no text to evaluate or calibrate on. {hint}"
+        )
 
 
 def hub_label(spec: CorpusSpec, source: SplitSource) -> str:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from basis_sharing.errors import BadDataError
+
 # Evaluation split of each perplexity dataset, and how many rows the protocol uses (C4: the first
 # 2000 validation documents, as SVD-LLM and Basis Sharing do).
 PPL_SPLITS: dict[str, tuple[str, int | None]] = {
@@ -119,8 +121,17 @@ def perplexity(
         ids: (n_tokens,) ids of the whole split, tokenized once.
         context_length: window length (2048 for the paper's models, 1024 for GPT-2).
         max_windows: evaluate only the first windows (a quick run); recorded as ``truncated``.
+
+    Raises:
+        BadDataError: fewer than 2 ids, so no window has a token to predict (the mean over no
+            windows would be a NaN that looks like a result).
     """
     bounds = [b for b in window_bounds(ids.numel(), context_length) if b[1] - b[0] >= 2]
+    if not bounds:
+        raise BadDataError(
+            f"Perplexity{f' on {dataset}' if dataset else ''}: {ids.numel()} token(s) give no "
+            "window with a token to predict (at least 2 are needed)."
+        )
     selected = bounds if max_windows is None else bounds[:max_windows]
     nlls = window_nlls(model, ids, selected, batch_size, desc=f"ppl {dataset}".strip())
     finite = torch.isfinite(nlls)

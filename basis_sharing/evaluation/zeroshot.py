@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from basis_sharing.errors import ConfigError, DataNotFoundError, unknown_choice
+from basis_sharing.data.rows import REPAIR_HINT, json_lines_file, missing_fields
+from basis_sharing.errors import BadDataError, ConfigError, DataNotFoundError, unknown_choice
 from basis_sharing.hub import hub_available
 
 log = logging.getLogger(__name__)
@@ -33,23 +34,41 @@ MIRROR_SUBDIR = "lm-eval"
 
 @dataclass(frozen=True)
 class ZeroShotTask:
-    """One of lm-eval's standard tasks: its YAML (under ``lm_eval/tasks``) and scored split."""
+    """One of lm-eval's standard tasks: its YAML (under ``lm_eval/tasks``) and scored split.
+
+    ``fields`` are the row fields the YAML (and its helper functions) read; ``a.b`` is field b of
+    object a. A mirror row without one would fail inside lm-eval after the model has loaded.
+    """
 
     name: str
     yaml: str
     split: str
+    fields: tuple[str, ...]
 
+
+ARC_FIELDS = ("question", "choices.text", "choices.label", "answerKey")
+OPENBOOKQA_FIELDS = ("question_stem", "choices.text", "choices.label", "answerKey")
 
 PAPER_TASKS: dict[str, ZeroShotTask] = {
     t.name: t
     for t in (
-        ZeroShotTask("openbookqa", "openbookqa/openbookqa.yaml", "test"),
-        ZeroShotTask("arc_easy", "arc/arc_easy.yaml", "test"),
-        ZeroShotTask("winogrande", "winogrande/default.yaml", "validation"),
-        ZeroShotTask("hellaswag", "hellaswag/hellaswag.yaml", "validation"),
-        ZeroShotTask("arc_challenge", "arc/arc_challenge.yaml", "test"),
-        ZeroShotTask("piqa", "piqa/piqa.yaml", "validation"),
-        ZeroShotTask("mathqa", "mathqa/mathqa.yaml", "test"),
+        ZeroShotTask("openbookqa", "openbookqa/openbookqa.yaml", "test", OPENBOOKQA_FIELDS),
+        ZeroShotTask("arc_easy", "arc/arc_easy.yaml", "test", ARC_FIELDS),
+        ZeroShotTask(
+            "winogrande",
+            "winogrande/default.yaml",
+            "validation",
+            ("sentence", "option1", "option2", "answer"),
+        ),
+        ZeroShotTask(
+            "hellaswag",
+            "hellaswag/hellaswag.yaml",
+            "validation",
+            ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
+        ),
+        ZeroShotTask("arc_challenge", "arc/arc_challenge.yaml", "test", ARC_FIELDS),
+        ZeroShotTask("piqa", "piqa/piqa.yaml", "validation", ("goal", "sol1", "sol2", "label")),
+        ZeroShotTask("mathqa", "mathqa/mathqa.yaml", "test", ("Problem", "options", "correct")),
     )
 }
 
@@ -99,6 +118,7 @@ def resolve_tasks(names: list[str], data_dir: str | Path, offline: bool) -> list
         task = PAPER_TASKS[name]
         path = mirror_file(data_dir, task)
         if path.is_file():
+            check_task_rows(task, path)
             sources.append(TaskSource(task, path.resolve(), _sha256(path)))
         elif not hub_available(offline):
             raise DataNotFoundError(
@@ -111,6 +131,30 @@ def resolve_tasks(names: list[str], data_dir: str | Path, offline: bool) -> list
         else:
             sources.append(TaskSource(task))
     return sources
+
+
+def check_task_rows(task: ZeroShotTask, path: Path) -> None:
+    """Every row of a mirror task file is a JSON object with the fields the task reads.
+
+    Raises:
+        BadDataError: the file is not UTF-8, has no rows, or a row is not a JSON object or lacks
+            a field; names the file and the line.
+    """
+    rows = 0
+    for number, row in json_lines_file(path):
+        missing = missing_fields(row, task.fields)
+        if missing:
+            raise BadDataError(
+                f"Zero-shot task {task.name}: {path} line {number} lacks "
+                f"{', '.join(missing)} (null or absent); lm-eval's {task.yaml} reads "
+                f"{', '.join(task.fields)} from every row. " + REPAIR_HINT
+            )
+        rows += 1
+    if rows == 0:
+        raise BadDataError(
+            f"Zero-shot task {task.name}: {path} holds no rows, so there is nothing to score. "
+            + REPAIR_HINT
+        )
 
 
 def local_task_yaml(source: TaskSource, dataset_cache: Path) -> dict[str, Any]:
