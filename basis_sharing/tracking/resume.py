@@ -43,7 +43,6 @@ NON_RESULT_KEYS = (
     "method.decomposition_cache_mb",
     "save_model",  # resuming a run that saved no model with save_model=true recomputes it
     "save_model_overwrite",
-    "threads",
 )
 
 
