@@ -75,10 +75,12 @@ def make_tiny_model(family: str, vocab_size: int = TINY_VOCAB, seed: int = 0, dt
     import torch
     from transformers import (
         AutoModelForCausalLM,
+        Gemma2Config,
         GPT2Config,
         LlamaConfig,
         MistralConfig,
         OPTConfig,
+        Qwen2Config,
     )
 
     torch.manual_seed(seed)
@@ -123,9 +125,66 @@ def make_tiny_model(family: str, vocab_size: int = TINY_VOCAB, seed: int = 0, dt
             bos_token_id=1,
             eos_token_id=2,
         )
+    elif family == "llama3":
+        # Llama-3's shape ratios: 4 query heads per KV head, d_ff = 3.5 d, llama3 RoPE scaling
+        # (original context 64 < 256 positions, so the scaled frequencies are in use).
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=224,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        )
+    elif family == "qwen2":
+        config = Qwen2Config(  # biases on q, k, v; GQA
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
+    elif family == "gemma2":
+        # head_dim 12: q is 64 -> 48 and o 48 -> 64 (Gemma-2-2B: 2304 -> 2048); a sliding window
+        # of 8 alternating with full attention; soft-capping low enough to bend the logits.
+        config = Gemma2Config(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            query_pre_attn_scalar=12,
+            max_position_embeddings=256,
+            sliding_window=8,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=1.0,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
     else:
         raise ValueError(family)
     model = AutoModelForCausalLM.from_config(config)
+    if family == "qwen2":
+        # transformers initialises biases to zero, which would hide a dropped or misplaced bias.
+        with torch.no_grad():
+            for layer in model.model.layers:
+                attn = layer.self_attn
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                    proj.bias.normal_(std=0.1)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()

@@ -16,7 +16,7 @@ from torch import nn
 
 from basis_sharing.linalg.whitening import whitening_factor
 from basis_sharing.methods.factorized import DECOMPOSITIONS, FactorizedMethod  # noqa: F401
-from basis_sharing.methods.plan import GroupPlan, resolve_kinds
+from basis_sharing.methods.plan import GroupPlan, narrow_kinds, resolve_kinds
 from basis_sharing.methods.registry import CompressionContext, register_method
 from basis_sharing.methods.update import refit_sequential, refit_single_pass
 from basis_sharing.models.families import FamilyAdapter
@@ -29,13 +29,34 @@ class BasisSharing(FactorizedMethod):
     def group_size(self) -> int:
         return self.cfg.group_size
 
-    def kinds(self, family: FamilyAdapter) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def configured_kinds(self) -> tuple[list[str] | None, list[str] | None]:
+        """``method.shared`` and ``method.private`` as given (None: not named)."""
         shared, private = self.cfg.get("shared"), self.cfg.get("private")
-        return resolve_kinds(
-            family,
+        return (
             list(shared) if shared is not None else None,
             list(private) if private is not None else None,
         )
+
+    def narrow(self, family: FamilyAdapter, model: nn.Module) -> tuple[str, ...]:
+        """The GQA rule's kinds; none when the config names the kinds (explicit lists win)."""
+        if self.configured_kinds() != (None, None):
+            return ()
+        return narrow_kinds(family, model)
+
+    def kinds(
+        self, family: FamilyAdapter, model: nn.Module
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return resolve_kinds(family, *self.configured_kinds(), self.narrow(family, model))
+
+    def private_by_rule(self, family: FamilyAdapter, model: nn.Module) -> tuple[str, ...]:
+        """Kinds the family shares by default that the GQA rule made private for this model."""
+        return tuple(k for k in self.narrow(family, model) if k in family.shared)
+
+    def compress(self, model: nn.Module, family: FamilyAdapter, ctx: CompressionContext) -> dict:
+        by_rule = self.private_by_rule(family, model)  # from the dense shapes, before surgery
+        info = super().compress(model, family, ctx)
+        info["private_by_gqa_rule"] = list(by_rule)
+        return info
 
     def scaling(
         self, plan: GroupPlan, family: FamilyAdapter, stats: dict[str, Any], device: torch.device
@@ -71,8 +92,13 @@ class SVDLLM(BasisSharing):
     def group_size(self) -> int:
         return 1
 
-    def kinds(self, family: FamilyAdapter) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    def kinds(
+        self, family: FamilyAdapter, model: nn.Module
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
         return (), family.kinds
+
+    def private_by_rule(self, family: FamilyAdapter, model: nn.Module) -> tuple[str, ...]:
+        return ()  # every kind is private by definition, not by the rule
 
     def update(
         self,

@@ -85,8 +85,10 @@ class FactorizedMethod(CompressionMethod):
     def group_size(self) -> int:
         return 1
 
-    def kinds(self, family: FamilyAdapter) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(shared kinds, private kinds)."""
+    def kinds(
+        self, family: FamilyAdapter, model: nn.Module
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(shared kinds, private kinds); ``model`` gives the shapes (dense, or on meta)."""
         return (), family.kinds
 
     def scaling(
@@ -100,7 +102,7 @@ class FactorizedMethod(CompressionMethod):
         return ()
 
     def plan(self, model: nn.Module, family: FamilyAdapter, ctx: CompressionContext):
-        shared, private = self.kinds(family)
+        shared, private = self.kinds(family, model)
         remainder = self.cfg.get("remainder_rank", "nominal")
         return plan_groups(model, family, ctx.ratio, self.group_size(), shared, private, remainder)
 
@@ -133,6 +135,7 @@ class FactorizedMethod(CompressionMethod):
         """Scale, decompose and truncate every group of ``plans``; replace the projections."""
         layers = family.layers(model)
         dense_total = dense_projection_weights(model, family)
+        shared, private = self.kinds(family, model)  # before surgery: it may read the shapes
         fallbacks: list[dict] = []
         for plan in tqdm(plans, desc=f"{self.name}: decompose", unit="group", leave=False):
             dec = self.decomposition(layers, family, plan, ctx)
@@ -145,7 +148,6 @@ class FactorizedMethod(CompressionMethod):
             # compressed model again in float64 (a LLaMA-7B ran out of 80 GB that way).
             install(model, layers, family, plan, *dec.truncate(plan.rank))
             del dec
-        shared, private = self.kinds(family)
         return {
             "group_size": self.group_size(),
             "shared_kinds": list(shared),

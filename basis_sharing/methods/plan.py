@@ -55,18 +55,44 @@ def layer_groups(n_layers: int, group_size: int) -> list[tuple[int, ...]]:
     return [tuple(range(s, min(s + group_size, n_layers))) for s in range(0, n_layers, group_size)]
 
 
+def narrow_kinds(family: FamilyAdapter, model: nn.Module) -> tuple[str, ...]:
+    """The GQA rule: kinds of ``family.private_when_narrow`` whose d_out <= d_in / 2.
+
+    Shapes are read from the first decoder layer (every family here has equal layers); a model on
+    the meta device works too. On GQA models k/v are n_kv_heads * head_dim wide; the paper keeps
+    Mistral's k/v private, and sharing them was measurably worse on SmolLM2.
+    """
+    layer = family.layers(model)[0]
+    narrow = []
+    for kind in family.private_when_narrow:
+        d_in, d_out = family.shape(layer, kind)
+        if 2 * d_out <= d_in:
+            narrow.append(kind)
+    return tuple(narrow)
+
+
 def resolve_kinds(
-    family: FamilyAdapter, shared: Sequence[str] | None, private: Sequence[str] | None
+    family: FamilyAdapter,
+    shared: Sequence[str] | None,
+    private: Sequence[str] | None,
+    narrow: Sequence[str] = (),
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Shared and private kinds: the family's paper defaults unless the config names them.
 
-    Naming only one list makes every other kind of the family fall in the other list.
+    Naming only one list makes every other kind of the family fall in the other list. ``narrow``
+    (from ``narrow_kinds``) moves those kinds to private in the defaults only: kinds the config
+    names always win.
     """
     kinds = family.kinds
-    for name in list(shared or []) + list(private or []):
+    for name in list(shared or []) + list(private or []) + list(narrow):
         family.projection(name)  # unknown kinds fail here, listing the valid ones
     if shared is None and private is None:
-        return family.shared, family.private
+        if not set(narrow) & set(family.shared):
+            return family.shared, family.private
+        return (
+            tuple(k for k in family.shared if k not in narrow),
+            tuple(k for k in kinds if k in family.private or k in narrow),
+        )
     if shared is None:
         shared = [k for k in kinds if k not in private]
     if private is None:

@@ -10,6 +10,7 @@ Orientation (method-spec.md 1.1): a projection is y = x W with W of shape (d_in,
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,10 @@ class FamilyAdapter:
     projections: tuple[Projection, ...]
     shared: tuple[str, ...]  # kinds sharing one basis per layer group (method-spec.md 1.2)
     private: tuple[str, ...]  # kinds with one basis per layer
+    # The GQA rule: these kinds become private by default when their output is at most half as
+    # wide as their input (grouped-query k/v). Applied with the layer shapes where the defaults
+    # are resolved (basis_sharing.methods.plan.resolve_kinds), so MHA models keep sharing them.
+    private_when_narrow: tuple[str, ...] = ()
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -113,6 +118,8 @@ _LLAMA_PROJECTIONS = (
     Projection("down", "mlp.down_proj", MLP_HIDDEN),
 )
 
+# LLaMA-1/2 are MHA (k/v square) and share k/v; GQA checkpoints of this layout (SmolLM2, Llama-3)
+# have narrow k/v, which the GQA rule keeps private.
 LLAMA = FamilyAdapter(
     name="llama",
     model_types=("llama",),
@@ -120,7 +127,13 @@ LLAMA = FamilyAdapter(
     projections=_LLAMA_PROJECTIONS,
     shared=("q", "k", "v", "up", "gate"),
     private=("o", "down"),
+    private_when_narrow=("k", "v"),
 )
+
+# Llama-3 / 3.1: LLaMA's module layout (GQA with 8 KV heads; the llama3 RoPE scaling lives in the
+# attention, which transformers handles). Its model_type is "llama", so auto-detection keeps
+# giving LLAMA; this adapter is chosen by name (model.family=llama3) so records say which it is.
+LLAMA3 = dataclasses.replace(LLAMA, name="llama3")
 
 # GQA: k/v have d_out = n_kv_heads * head_dim; the paper keeps them private.
 MISTRAL = FamilyAdapter(
@@ -130,6 +143,32 @@ MISTRAL = FamilyAdapter(
     projections=_LLAMA_PROJECTIONS,
     shared=("q", "up", "gate"),
     private=("k", "v", "o", "down"),
+    private_when_narrow=("k", "v"),
+)
+
+# Qwen2 / Qwen2.5: LLaMA's layout with biases on q, k and v (carried by the coefficient modules)
+# and GQA k/v.
+QWEN2 = FamilyAdapter(
+    name="qwen2",
+    model_types=("qwen2",),
+    layers_path="model.layers",
+    projections=_LLAMA_PROJECTIONS,
+    shared=("q", "k", "v", "up", "gate"),
+    private=("o", "down"),
+    private_when_narrow=("k", "v"),
+)
+
+# Gemma-2: LLaMA's projection names; its extra pre/post feed-forward norms, tied embeddings, and
+# attention / final-logit soft-capping sit outside the projections and are left untouched.
+# q's output (heads x head_dim) need not equal the hidden size (2048 vs 2304 in Gemma-2-2B).
+GEMMA2 = FamilyAdapter(
+    name="gemma2",
+    model_types=("gemma2",),
+    layers_path="model.layers",
+    projections=_LLAMA_PROJECTIONS,
+    shared=("q", "k", "v", "up", "gate"),
+    private=("o", "down"),
+    private_when_narrow=("k", "v"),
 )
 
 OPT = FamilyAdapter(
@@ -164,7 +203,10 @@ GPT2 = FamilyAdapter(
     private=("down",),
 )
 
-FAMILIES: dict[str, FamilyAdapter] = {f.name: f for f in (LLAMA, MISTRAL, OPT, GPT2)}
+# Auto-detection takes the first adapter listing a model_type, so LLAMA precedes LLAMA3.
+FAMILIES: dict[str, FamilyAdapter] = {
+    f.name: f for f in (LLAMA, LLAMA3, MISTRAL, QWEN2, GEMMA2, OPT, GPT2)
+}
 
 
 def get_family(name: str) -> FamilyAdapter:
@@ -178,5 +220,5 @@ def family_for_model_type(model_type: str) -> FamilyAdapter:
     for family in FAMILIES.values():
         if model_type in family.model_types:
             return family
-    supported = [t for f in FAMILIES.values() for t in f.model_types]
+    supported = sorted({t for f in FAMILIES.values() for t in f.model_types})
     raise unknown_choice("model_type (no family adapter)", model_type, supported)
