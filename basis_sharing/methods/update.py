@@ -94,40 +94,56 @@ class _Captured(Exception):
 
 
 def capture_layer_inputs(
-    model: nn.Module, first_layer: nn.Module, ids: torch.Tensor, batch_size: int
-) -> list[tuple[torch.Tensor, dict]]:
-    """The hidden states and keyword arguments the first decoder layer receives, per batch.
+    model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int
+) -> list[tuple[torch.Tensor, list[dict]]]:
+    """Per batch: the hidden states the first decoder layer receives, and every layer's keywords.
 
-    Captured with a pre-hook (GPTQ's "catcher") so later layers can be run one at a time on any
-    family without knowing how it builds masks and position embeddings.
+    Captured with pre-hooks (GPTQ's "catcher") so layers can be run one at a time on any family
+    without knowing how it builds masks and position embeddings. The keywords are taken per layer
+    because they can differ between layers (Gemma-2 alternates sliding-window and full-attention
+    masks); they are references to what the model built, not copies. The pass stops before the
+    last layer runs.
     """
     device = next(model.parameters()).device
-    captured: list[tuple[torch.Tensor, dict]] = []
+    captured: list[tuple[torch.Tensor, list[dict]]] = []
+    current: dict = {}
 
-    def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        captured.append((hidden, rest))
-        raise _Captured
+    def hook(index: int):
+        def record(_module, args, kwargs):
+            if index == 0:
+                current["hidden"] = (args[0] if args else kwargs["hidden_states"]).clone()
+            current["kwargs"].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if index == len(layers) - 1:
+                raise _Captured
 
-    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+        return record
+
+    handles = [
+        layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)
+    ]
     try:
         with torch.inference_mode():
             for start in range(0, ids.shape[0], batch_size):
+                current.update(hidden=None, kwargs=[])
                 try:
                     model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
                 except _Captured:
                     pass
+                captured.append((current["hidden"], current["kwargs"]))
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return captured
 
 
-def _run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]]) -> list:
+def _run_layer(
+    layer: nn.Module, index: int, batches: list[tuple[torch.Tensor, list[dict]]]
+) -> list:
+    """Layer ``index`` on each batch's hidden states, with that layer's own keywords."""
     outputs = []
     with torch.inference_mode():
         for hidden, kwargs in batches:
-            out = layer(hidden, **kwargs)
+            out = layer(hidden, **kwargs[index])
             outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))
     return outputs
 
@@ -146,7 +162,7 @@ def refit_sequential(
     if any(p.shared for p in plans):
         raise ValueError("the sequential update refits one-layer groups only")
     dtype = ctx.extras.get("gram_dtype", torch.float32)
-    batches = capture_layer_inputs(model, layers[0], ctx.calibration_ids, ctx.calib_batch_size)
+    batches = capture_layer_inputs(model, layers, ctx.calibration_ids, ctx.calib_batch_size)
     groups = []
     for i, layer in enumerate(tqdm(layers, desc="update: layers", unit="layer", leave=False)):
         for kinds in family.kinds_by_input().values():
@@ -154,7 +170,7 @@ def refit_sequential(
             module = family.module(layer, kinds[0])
             handle = module.register_forward_hook(lambda _m, args, _o, acc=acc: acc.add(args[0]))
             try:
-                _run_layer(layer, batches)
+                _run_layer(layer, i, batches)
             finally:
                 handle.remove()
             for kind in kinds:
@@ -163,6 +179,6 @@ def refit_sequential(
                         layers, family, by_member[(i, kind)], acc.gram, originals, ctx.device, eps
                     )
                 )
-        batches = _run_layer(layer, batches)
+        batches = _run_layer(layer, i, batches)
     tokens = int(ctx.calibration_ids.numel())
     return _summary("sequential", tokens, groups)
