@@ -39,7 +39,7 @@ from basis_sharing.calibration.scales import (
 from basis_sharing.errors import ConfigError
 from basis_sharing.models.families import ATTN_IN, get_family
 
-FAMILIES = ["llama", "mistral", "opt", "gpt2"]
+FAMILIES = ["llama", "mistral", "opt", "gpt2", "llama3", "qwen2", "gemma2"]
 N_SAMPLES, SEQ_LEN, BATCH = 6, 16, 4  # two batches of 4 and 2 samples: uneven on purpose
 
 

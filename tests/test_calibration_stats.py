@@ -23,7 +23,7 @@ from basis_sharing.calibration import (
 from basis_sharing.errors import ConfigError
 from basis_sharing.models.families import MLP_IN, get_family
 
-FAMILIES = ["llama", "mistral", "opt", "gpt2"]
+FAMILIES = ["llama", "mistral", "opt", "gpt2", "llama3", "qwen2", "gemma2"]
 N_SAMPLES, SEQ_LEN = 6, 16
 
 

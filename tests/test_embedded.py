@@ -62,7 +62,9 @@ def test_basis_sharing_smollm2_meets_its_ratio(embedded_cache, shared_assets, tm
     assert abs(params["achieved_ratio"] - 0.2) <= 0.005  # the real dims meet the 0.5 pp bound
     assert params["decoder_projections"] == params["planned_decoder_projections"]
     groups = record["method_info"]["groups"]
-    assert len(groups) == 5 * 15 + 2 * 30  # 5 shared kinds in 15 pairs, o and down per layer
+    # SmolLM2's k/v are GQA-narrow (576 -> 192): private by the GQA rule, like o and down.
+    assert record["method_info"]["private_by_gqa_rule"] == ["k", "v"]
+    assert len(groups) == 3 * 15 + 4 * 30  # q/up/gate in 15 pairs; k, v, o, down per layer
     q0 = next(g for g in groups if g["kind"] == "q" and g["index"] == 0)
     assert q0["layers"] == [0, 1] and q0["rank"] == 576 * 576 * 2 * 8 // 10 // (576 + 2 * 576)
     assert (tmp_path / "calibration_ids.safetensors").is_file()

@@ -18,12 +18,14 @@ from basis_sharing.models.families import (
     get_family,
 )
 
-ALL = ["llama", "mistral", "opt", "gpt2"]
+# llama3 is a tiny Llama-3 (model_type llama: auto-detection gives the llama adapter, same layout).
+ALL = ["llama", "mistral", "opt", "gpt2", "llama3", "qwen2", "gemma2"]
 
 
 @pytest.fixture(scope="module", params=ALL)
 def model_and_family(request):
     model = make_tiny_model(request.param, dtype=torch.float64)
+    model.tiny_name = request.param  # which tiny model to rebuild (llama3's model_type is llama)
     return model, family_for_model_type(model.config.model_type)
 
 
@@ -80,7 +82,7 @@ def test_kinds_that_share_an_input_see_the_same_activation(model_and_family):
 
 def test_set_module_replaces_the_leaf_only(model_and_family):
     model, family = model_and_family
-    model = make_tiny_model(model.config.model_type)
+    model = make_tiny_model(model.tiny_name)
     layer = family.layers(model)[0]
     kind = family.private[0]
     marker = nn.Identity()
@@ -99,6 +101,14 @@ def test_paper_default_sharing():
     assert FAMILIES["opt"].private == ("o", "down")
     assert FAMILIES["gpt2"].shared == ("attn", "up", "o")
     assert FAMILIES["gpt2"].private == ("down",)
+    # The new families follow LLaMA's paper defaults; the GQA rule then keeps their narrow k/v
+    # private (tests/test_new_families.py).
+    for name in ("llama3", "qwen2", "gemma2"):
+        assert FAMILIES[name].shared == ("q", "k", "v", "up", "gate")
+        assert FAMILIES[name].private == ("o", "down")
+    for name in ("llama", "llama3", "mistral", "qwen2", "gemma2"):
+        assert FAMILIES[name].private_when_narrow == ("k", "v")
+    assert FAMILIES["opt"].private_when_narrow == FAMILIES["gpt2"].private_when_narrow == ()
     for family in FAMILIES.values():
         assert sorted(family.shared + family.private) == sorted(family.kinds)
 
@@ -115,12 +125,26 @@ def test_layouts_and_gqa_shapes():
     assert fam.projection("attn").layout == "conv1d"
     assert fam.shape(layer, "attn") == (64, 192)  # fused q, k, v
     assert fam.shape(layer, "down") == (256, 64)
+    gemma2 = make_tiny_model("gemma2")
+    fam = get_family("gemma2")
+    layer = fam.layers(gemma2)[0]
+    assert fam.shape(layer, "q") == (64, 48) and fam.shape(layer, "o") == (48, 64)  # head_dim 12
+    assert fam.shape(layer, "k") == fam.shape(layer, "v") == (64, 24)  # 2 kv heads
+    qwen2 = make_tiny_model("qwen2")
+    fam = get_family("qwen2")
+    layer = fam.layers(qwen2)[0]
+    assert fam.bias(layer, "k").shape == (32,) and fam.bias(layer, "o") is None
 
 
 def test_unknown_family_and_kind_list_choices():
-    with pytest.raises(ConfigError, match="Valid choices: gpt2, llama, mistral, opt"):
+    with pytest.raises(
+        ConfigError, match="Valid choices: gemma2, gpt2, llama, llama3, mistral, opt, qwen2"
+    ):
         get_family("bloom")
-    with pytest.raises(ConfigError, match="model_type"):
+    # Each model_type once, though llama and llama3 both read "llama".
+    with pytest.raises(
+        ConfigError, match="Valid choices: gemma2, gpt2, llama, mistral, opt, qwen2"
+    ):
         family_for_model_type("bloom")
     with pytest.raises(ConfigError, match="down, gate, k, o, q, up, v"):
         get_family("llama").projection("attn")

@@ -63,7 +63,7 @@ def coefficients(model, family):
     }
 
 
-@pytest.mark.parametrize("family_name", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("family_name", ["llama", "opt", "gpt2", "qwen2", "gemma2"])
 def test_basis_sharing_update_solves_the_deviated_least_squares(family_name):
     plain, family, method, ctx = setup(BasisSharing, BasisSharingMethodConfig, family_name)
     originals = {
