@@ -35,7 +35,6 @@ from basis_sharing.methods.registry import CompressionContext
 from basis_sharing.methods.update import _run_layer, capture_layer_inputs
 from basis_sharing.models.compressed_io import load_compressed, save_compressed
 from basis_sharing.models.families import family_for_model_type, get_family
-from basis_sharing.models.loading import meta_model
 from basis_sharing.modules import LowRankLinear, SharedBasisLinear
 
 NEW = ["llama3", "qwen2", "gemma2"]
@@ -291,6 +290,14 @@ REAL = {
                                   num_key_value_heads=3, intermediate_size=1536,
                                   vocab_size=49152)),
 }  # fmt: skip
+
+
+def meta_model(hf_config) -> torch.nn.Module:
+    """The model of ``hf_config`` with every tensor on the meta device: shapes, no memory."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=True):
+        return AutoModelForCausalLM.from_config(hf_config)
 
 
 @pytest.fixture(scope="module")
