@@ -9,6 +9,7 @@ each option's YAML lists it first in its defaults.
 from __future__ import annotations
 
 import hashlib
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -296,10 +297,23 @@ def job_subdir(override_dirname: str) -> str:
     return f"{name[: MAX_SUBDIR - 11]}~{digest}"
 
 
+def run_token() -> str:
+    """A random 6-hex-digit token that tells apart runs started in the same second.
+
+    Hydra's directory names have one-second resolution, so two runs (or two sweeps, or two SLURM
+    arrays) started together would share one directory and overwrite each other's record. The
+    resolver is cached like Hydra's ``now``, and Hydra copies that cache into every job of a
+    sweep, so all jobs of one launch agree on the token.
+    """
+    return secrets.token_hex(3)
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent)."""
     if not OmegaConf.has_resolver("bs_subdir"):
         OmegaConf.register_new_resolver("bs_subdir", job_subdir)
+    if not OmegaConf.has_resolver("bs_run_token"):
+        OmegaConf.register_new_resolver("bs_run_token", run_token, use_cache=True)
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     for group, options in OPTION_SCHEMAS.items():

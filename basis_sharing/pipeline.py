@@ -42,6 +42,7 @@ from basis_sharing.evaluation.zeroshot import (
     evaluate_zeroshot,
     resolve_tasks,
 )
+from basis_sharing.files import directory_lock
 from basis_sharing.methods import get_method
 from basis_sharing.methods.registry import CompressionContext, CompressionMethod
 from basis_sharing.models.compressed_io import (
@@ -59,6 +60,7 @@ from basis_sharing.models.loading import (
     resolve_source,
     torch_dtype,
 )
+from basis_sharing.preflight import check_ratio, check_settings, check_shapes
 from basis_sharing.threads import apply_threads, check_threads
 from basis_sharing.tracking.loggers import make_logger
 from basis_sharing.tracking.record import RunRecord, summary_table
@@ -111,6 +113,7 @@ def validate(cfg: DictConfig) -> Plan:
             "weights removed, e.g. ratio=0.2 keeps 80%."
         )
     method = get_method(cfg.method)
+    check_settings(cfg, method)
     for name in cfg.eval.ppl_datasets:
         if name not in PPL_SPLITS:
             raise unknown_choice("perplexity dataset (eval.ppl_datasets)", name, list(PPL_SPLITS))
@@ -303,17 +306,6 @@ def calibrate(
     return stats, run_key
 
 
-def check_ratio(report: dict, target: float, tolerance: float) -> None:
-    achieved = report["achieved_ratio"]
-    if abs(achieved - target) > tolerance:
-        raise UserError(
-            f"Achieved compression of the decoder projections is {achieved:.4f}, which misses the "
-            f"target ratio {target} by more than {tolerance * 100:.2f} percentage points "
-            "(ratio_tolerance). Rank rounding on small matrices or a smaller last layer group "
-            "(method.remainder_rank) can cause this."
-        )
-
-
 def execute(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
     """The stages after validation; every result lands in ``record``."""
     with record.stage("data"):
@@ -336,8 +328,10 @@ def execute(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
             record["model"].update(manifest["info"].get("base_model", {}), loaded_from=str(saved))
         else:
             source = resolve_source(cfg.model, cfg.paths.cache_dir, cfg.offline)
-            tokenizer = load_tokenizer(source)
             record["model"].update(source.provenance)
+            # Before the tokenizer and far before the weights: what the shapes decide.
+            record["preflight"] = check_shapes(cfg, plan.method, source)
+            tokenizer = load_tokenizer(source)
     with record.stage("tokenize"):
         eval_ids, calib_ids = tokenize_corpora(cfg, tokenizer, evals, calib, record)
         inputs = EvalInputs(eval_ids, zeroshot)
@@ -378,7 +372,7 @@ def execute(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
     if planned is not None:
         record["params"]["planned_decoder_projections"] = planned["kept"]
     if plan.method.compresses:
-        check_ratio(record["params"], cfg.ratio, cfg.ratio_tolerance)
+        check_ratio(record["params"]["achieved_ratio"], cfg.ratio, cfg.ratio_tolerance)
     check_break_even(model, record)
     if cfg.save_model:
         with record.stage("save_model"):
@@ -540,20 +534,40 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
     plan = validate(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     fingerprint = config_fingerprint(config)
-    if not cfg.force:  # resume: a finished job of a re-run sweep is not computed again
-        done = find_completed(out_dir, config)
-        if done is not None:
-            log.info(
-                "Skipped: %s is a completed run of this configuration (fingerprint %s); "
-                "force=true recomputes it.",
-                done[0],
-                fingerprint,
-            )
-            return done[1]
+    done = None if cfg.force else find_completed(out_dir, config)
+    if done is not None and cfg.save_model and not done[1].get("saved_model"):
+        log.info("Recomputing %s: save_model=true but that run saved no model.", done[0])
+        done = None
+    if done is not None:  # resume: a finished job of a re-run sweep is not computed again
+        log.info(
+            "Skipped: %s is a completed run of this configuration (fingerprint %s); "
+            "force=true recomputes it.",
+            done[0],
+            fingerprint,
+        )
+        return done[1]
     check_save_target(cfg, out_dir)  # after the resume check: a skipped job saves nothing
     tracker = make_logger(cfg)  # logger=none: a no-op; checked before any work
     threads = apply_threads(cfg.threads)  # before any work: sizes torch and BLAS pools
     torch.manual_seed(cfg.seed)
+    with directory_lock(out_dir):  # a second process on this directory stops here, at once
+        record = new_record(cfg, plan, out_dir, config, fingerprint, hydra)
+        record["environment"]["threads"] = threads
+        record.write()
+        with tracker.track(record):  # mirrors every record write; closes the tracker's run
+            execute_recorded(cfg, plan, record)
+    log.info("Run summary (%s)\n%s", record.path, summary_table(record.data))
+    return record.data
+
+
+def new_record(
+    cfg: DictConfig,
+    plan: Plan,
+    out_dir: Path,
+    config: dict[str, Any],
+    fingerprint: str,
+    hydra: dict[str, Any],
+) -> RunRecord:
     record = RunRecord(
         out_dir,
         config,
@@ -572,17 +586,24 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
         dtype=cfg.model.dtype,
         context_length=cfg.model.context_length,
     )
-    record["environment"]["threads"] = threads
-    record.write()
-    with tracker.track(record):  # mirrors every record write; closes the tracker's run
-        try:
-            execute(cfg, plan, record)
-        except BaseException as exc:
-            record.fail(exc)
-            raise
-        record.finish()
-    log.info("Run summary (%s)\n%s", record.path, summary_table(record.data))
-    return record.data
+    return record
+
+
+def execute_recorded(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
+    """``execute``, ending the record as completed or failed (with the error) either way."""
+    try:
+        execute(cfg, plan, record)
+    except BaseException as exc:
+        record.fail(exc)
+        if record.path != record.final_path:
+            log.error(
+                "This run failed; the earlier completed record %s is kept unchanged and "
+                "this run's record is %s.",
+                record.final_path,
+                record.path,
+            )
+        raise
+    record.finish()
 
 
 def main(cfg: DictConfig) -> None:

@@ -99,9 +99,35 @@ class ASVD(FactorizedMethod):
     def cache_tag(self) -> tuple:
         return ("scale", self.cfg.scale, self.cfg.alpha)
 
-    def plan(self, model: nn.Module, family: FamilyAdapter, ctx: CompressionContext):
+    def check_config(self, family: FamilyAdapter | None) -> None:
+        super().check_config(family)
         if self.cfg.scale not in ("abs_mean", "abs_max"):
             raise ConfigError(f"method.scale={self.cfg.scale!r}: use abs_mean or abs_max.")
+        if self.cfg.allocation not in ("sensitivity", "uniform"):
+            raise ConfigError(
+                f"method.allocation={self.cfg.allocation!r}: use sensitivity or uniform."
+            )
+        candidates = list(self.cfg.candidate_ratios)
+        if not candidates or not all(0.0 < r < 1.0 for r in candidates):
+            raise ConfigError(
+                f"method.candidate_ratios={candidates}: give at least one kept fraction, each "
+                "in (0, 1)."
+            )
+        if self.cfg.sensitivity_samples < 1:
+            raise ConfigError(
+                f"method.sensitivity_samples={self.cfg.sensitivity_samples} must be >= 1."
+            )
+        if not math.isfinite(self.cfg.alpha):
+            raise ConfigError(f"method.alpha={self.cfg.alpha} must be a finite number.")
+
+    def shape_plan(self, model: nn.Module, family: FamilyAdapter, ratio: float):
+        # The sensitivity allocation needs calibration perplexities; uniform needs only shapes.
+        if self.cfg.allocation != "uniform":
+            return None
+        return super().shape_plan(model, family, ratio)
+
+    def plan(self, model: nn.Module, family: FamilyAdapter, ctx: CompressionContext):
+        self.check_config(family)
         layers = family.layers(model)
         shapes = {
             (i, k): family.shape(layer, k) for i, layer in enumerate(layers) for k in family.kinds

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from basis_sharing.errors import ConfigError
 from basis_sharing.linalg.whitening import whitening_factor
 from basis_sharing.methods.factorized import DECOMPOSITIONS, FactorizedMethod  # noqa: F401
 from basis_sharing.methods.plan import GroupPlan, narrow_kinds, resolve_kinds
@@ -28,6 +29,26 @@ class BasisSharing(FactorizedMethod):
 
     def group_size(self) -> int:
         return self.cfg.group_size
+
+    def check_config(self, family: FamilyAdapter | None) -> None:
+        super().check_config(family)
+        if self.group_size() < 1:
+            raise ConfigError(f"method.group_size={self.group_size()} must be >= 1.")
+        remainder = self.cfg.get("remainder_rank", "nominal")
+        if remainder not in ("nominal", "own"):
+            raise ConfigError(f"method.remainder_rank={remainder!r}: use 'nominal' or 'own'.")
+        if family is not None:  # else the model's own family is checked once its config is read
+            for name in list(self.cfg.get("shared") or []) + list(self.cfg.get("private") or []):
+                family.projection(name)  # an unknown kind fails here, listing the valid ones
+
+    def shape_plan(self, model: nn.Module, family: FamilyAdapter, ratio: float):
+        n_layers = len(family.layers(model))
+        if self.group_size() > n_layers:
+            raise ConfigError(
+                f"method.group_size={self.group_size()} exceeds the model's {n_layers} decoder "
+                f"layers; use method.group_size<={n_layers} (all layers in one group)."
+            )
+        return super().shape_plan(model, family, ratio)
 
     def configured_kinds(self) -> tuple[list[str] | None, list[str] | None]:
         """``method.shared`` and ``method.private`` as given (None: not named)."""

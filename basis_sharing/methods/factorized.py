@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from basis_sharing.errors import ConfigError
 from basis_sharing.evaluation.params import dense_projection_weights
 from basis_sharing.linalg.factorization import SharedDecomposition, decompose_shared
 from basis_sharing.methods.plan import GroupPlan, plan_groups, planned_params
@@ -100,6 +101,17 @@ class FactorizedMethod(CompressionMethod):
     def cache_tag(self) -> tuple:
         """Settings besides the statistics that change the decomposition (part of its key)."""
         return ()
+
+    def check_config(self, family: FamilyAdapter | None) -> None:
+        budget = self.cfg.get("decomposition_cache_mb", 0)
+        if budget < 0:
+            raise ConfigError(f"method.decomposition_cache_mb={budget} must be >= 0 (0 disables).")
+        eps = self.cfg.get("eps")
+        if eps is not None and not eps >= 0:  # `not >=` also refuses NaN
+            raise ConfigError(f"method.eps={eps} must be >= 0.")
+
+    def shape_plan(self, model: nn.Module, family: FamilyAdapter, ratio: float):
+        return self.plan(model, family, CompressionContext(ratio=ratio, device=torch.device("cpu")))
 
     def plan(self, model: nn.Module, family: FamilyAdapter, ctx: CompressionContext):
         shared, private = self.kinds(family, model)

@@ -43,6 +43,20 @@ class CompressionMethod:
     def compress(self, model: nn.Module, family: FamilyAdapter, ctx: CompressionContext) -> dict:
         raise NotImplementedError
 
+    def check_config(self, family: FamilyAdapter | None) -> None:
+        """Refuse settings that are wrong whatever the model (``family`` when already known).
+
+        Runs before any data or weights are read; raises ``ConfigError``.
+        """
+
+    def shape_plan(self, model: nn.Module, family: FamilyAdapter, ratio: float) -> list | None:
+        """The rank plan from the model's shapes alone (``model`` may live on the meta device).
+
+        None when the plan needs data (a sensitivity search). The pipeline uses it to check the
+        achieved ratio before the weights are loaded.
+        """
+        return None
+
 
 METHODS: dict[str, type[CompressionMethod]] = {}
 

@@ -49,11 +49,7 @@ def resolve_source(model_cfg, cache_dir: str | Path, offline: bool = False) -> M
     """Find (and if needed convert or download) the model directory; no weights are loaded."""
     if model_cfg.local_path:
         path = Path(model_cfg.local_path).expanduser()
-        if not (path / "config.json").is_file():
-            raise ConfigError(
-                f"model.local_path={path} is not a model directory (no config.json). Point it at "
-                "a directory written by save_pretrained or downloaded from the hub."
-            )
+        check_model_dir(path, "model.local_path")
         return ModelSource(
             path,
             {
@@ -85,13 +81,56 @@ def resolve_source(model_cfg, cache_dir: str | Path, offline: bool = False) -> M
     )
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def check_model_dir(path: Path, key: str) -> None:
+    """Refuse a model directory without a config or without weights, before anything else runs."""
+    if not path.is_dir():
+        raise ConfigError(
+            f"{key}={path} does not exist or is not a directory. Point it at a directory written "
+            "by save_pretrained or downloaded from the hub (config.json, weights, tokenizer)."
+        )
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"{key}={path} is not a model directory (no config.json). Point it at "
+            "a directory written by save_pretrained or downloaded from the hub."
+        )
+    if not any(f.suffix in WEIGHT_SUFFIXES for f in path.iterdir() if f.is_file()):
+        present = sorted(f.name for f in path.iterdir())
+        raise ConfigError(
+            f"{key}={path} has a config.json but no weights (*.safetensors or *.bin; the "
+            f"directory holds {present}). Copy the weight files next to config.json."
+        )
+
+
+def read_model_config(path: Path):
+    """The transformers config of a model directory (config.json only, no weights)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        file = path / "config.json"
+        raise ConfigError(f"{file} cannot be read as a model config: {err}") from err
+
+
+def meta_model(hf_config) -> torch.nn.Module:
+    """The model of ``hf_config`` with every tensor on the meta device: shapes without memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=True):
+        return AutoModelForCausalLM.from_config(hf_config)
+
+
 def weights_fingerprint(path: Path) -> str:
     """sha256 over the names, sizes and mtimes of a directory's weight files (cheap, no reading)."""
     import hashlib
 
     digest = hashlib.sha256()
     for f in sorted(path.iterdir()):
-        if f.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+        if f.suffix in WEIGHT_SUFFIXES:
             st = f.stat()
             digest.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     return digest.hexdigest()[:24]
