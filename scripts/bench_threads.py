@@ -19,6 +19,8 @@ that exceeds ``--condition-timeout`` is stopped; what it finished is kept and it
   whose ``os.cpu_count()`` exceeds the quota: torch sizes its pools from the machine's cores,
   not the quota, so it starts more busy threads than the process may run;
 * ``one_free``: the count minus one (when above 1), leaving a CPU to the competitor;
+* ``passive``: the ``after`` count with ``OMP_WAIT_POLICY=PASSIVE`` in the worker's environment
+  (idle OpenMP threads sleep instead of spinning, which a competitor on the same CPUs punishes);
 * ``unaided``: torch's own default in this process, measured only when it differs from the above.
 
 Each count runs idle and next to one competing CPU-bound process (a single-threaded Python busy
@@ -26,7 +28,7 @@ loop started and stopped by this script, bounded to the condition's timeout plus
 benchmark asserts nothing about speed; it records every timing, the thread pools each worker
 really had, the machine and the load average.
 
-Reproduce (at most conditions x ``--condition-timeout`` seconds: 6 x 25 s on a 2-core machine;
+Reproduce (at most conditions x ``--condition-timeout`` seconds: 8 x 25 s on a 2-core machine;
 run it when nothing else is running, the load average is recorded)::
 
     python scripts/bench_threads.py --json results/benchmarks/bench_threads_cpu.json
@@ -71,7 +73,7 @@ from basis_sharing.tracking.environment import git_state  # noqa: E402
 log = logging.getLogger("bench_threads")
 
 DEFAULT_GROUPS = ("576x576x2", "576x1536x2")
-LABELS = ("after", "before", "one_free", "unaided")
+LABELS = ("after", "before", "one_free", "passive", "unaided")
 # The competitor outlives its condition by this much at most, even if this script is killed.
 COMPETITOR_MARGIN_S = 10.0
 SPIN = """
@@ -102,9 +104,10 @@ class GroupShape:
 
 @dataclass(frozen=True)
 class Condition:
-    label: str  # after / before / one_free / unaided
+    label: str  # after / before / one_free / passive / unaided
     threads: str  # a count, or "unaided" (the worker sets nothing)
     competitor: bool
+    passive: bool = False  # OMP_WAIT_POLICY=PASSIVE in the worker's environment
 
     @property
     def name(self) -> str:
@@ -264,6 +267,8 @@ def thread_counts(oversubscribe: int, labels: Sequence[str]) -> dict[str, int]:
         counts["before"] = oversubscribe * after
     if "one_free" in labels and after > 1:
         counts["one_free"] = after - 1
+    if "passive" in labels:
+        counts["passive"] = after
     unaided = torch.get_num_threads()  # this process never sizes its pools
     if "unaided" in labels and unaided not in counts.values():
         counts["unaided"] = unaided
@@ -271,11 +276,12 @@ def thread_counts(oversubscribe: int, labels: Sequence[str]) -> dict[str, int]:
 
 
 def conditions(counts: dict[str, int]) -> list[Condition]:
-    specs = {label: ("auto" if label == "after" else str(n)) for label, n in counts.items()}
+    auto = ("after", "passive")
+    specs = {label: ("auto" if label in auto else str(n)) for label, n in counts.items()}
     if "unaided" in specs:
         specs["unaided"] = "unaided"
     return [
-        Condition(label, spec, competitor)
+        Condition(label, spec, competitor, passive=label == "passive")
         for competitor in (False, True)
         for label, spec in specs.items()
     ]
@@ -321,10 +327,12 @@ def worker_command(args: argparse.Namespace, inputs: Path, spec: str) -> list[st
     ]
 
 
-def run_worker(command: list[str], timeout: float, out: Path) -> tuple[list[dict], bool, float]:
+def run_worker(
+    command: list[str], timeout: float, out: Path, env: dict[str, str] | None = None
+) -> tuple[list[dict], bool, float]:
     """Run one worker to completion or ``timeout``; (its events, timed out, stop time)."""
     with out.open("w") as stdout:
-        proc = subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True, env=env)
         try:
             _, stderr = proc.communicate(timeout=timeout)
             timed_out = False
@@ -357,8 +365,9 @@ def measure(args: argparse.Namespace, inputs: Path, work: Path, cond: Condition)
         competitor = start_competitor(args.condition_timeout + COMPETITOR_MARGIN_S)
     try:
         command = worker_command(args, inputs, cond.threads)
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"} if cond.passive else None
         events, timed_out, stopped = run_worker(
-            command, args.condition_timeout, work / f"{cond.name}.jsonl"
+            command, args.condition_timeout, work / f"{cond.name}.jsonl", env
         )
     finally:
         competitor_cpu = stop_competitor(competitor) if competitor else None
@@ -422,7 +431,7 @@ def comparisons(results: list[dict]) -> dict[str, dict]:
         if label in by and f"{label}+competitor" in by:
             out[f"{label}: competitor / idle"] = ratio(by[f"{label}+competitor"], by[label])
     for suffix in ("", "+competitor"):
-        for label in ("before", "one_free", "unaided"):
+        for label in ("before", "one_free", "passive", "unaided"):
             if f"{label}{suffix}" in by:
                 out[f"{label}{suffix} / after{suffix}"] = ratio(
                     by[f"{label}{suffix}"], by[f"after{suffix}"]

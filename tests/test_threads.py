@@ -212,6 +212,13 @@ def test_apply_sets_the_requested_count(restore_threads):
     assert {pool["num_threads"] for pool in info["blas"]} == {1}
 
 
+def test_the_openmp_wait_policy_is_recorded(monkeypatch, restore_threads):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert threads.apply_threads(1)["omp_wait_policy"] == "PASSIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert threads.apply_threads(1)["omp_wait_policy"] is None
+
+
 def test_apply_follows_the_allowed_cpus(monkeypatch, restore_threads):
     limit = CpuLimit(1, "cgroup", {"affinity": 2, "cgroup": 1})
     monkeypatch.setattr(threads, "detect_allowed_cpus", lambda: limit)
