@@ -44,6 +44,32 @@ def compose_config(*overrides: str):
         GlobalHydra.instance().clear()
 
 
+def tiny_run_overrides(model_dir: Path, mirror: Path, *extra: str) -> list[str]:
+    """A dense run of the tiny local model on a tiny mirror: perplexity only, on one window."""
+    return [
+        "method=dense",
+        "model=local",
+        f"model.local_path={model_dir}",
+        "model.context_length=64",
+        f"paths.data_dir={mirror}",
+        "eval=ppl",
+        "eval.max_windows=1",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the pipeline gets as far as loading weights."""
+
+    def refuse(*_args, **_kwargs):
+        pytest.fail("the model was loaded before the bad input was refused")
+
+    import basis_sharing.pipeline
+
+    monkeypatch.setattr(basis_sharing.pipeline, "load_model", refuse)
+
+
 def synthetic_lines(n: int, seed: int) -> list[str]:
     """Deterministic sentences over a small vocabulary (enough to train and test tokenizers)."""
     rng = random.Random(seed)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose_config, synthetic_lines, write_tiny_mirror
+from conftest import REPO, compose_config, synthetic_lines, tiny_run_overrides, write_tiny_mirror
 
 from basis_sharing import pipeline
 from basis_sharing.data import corpora
@@ -40,25 +40,9 @@ def mirror(tmp_path) -> Path:
     return write_tiny_mirror(tmp_path / "mirror")
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    def fail(*args, **kwargs):
-        pytest.fail("the model was loaded although the data was bad")
-
-    monkeypatch.setattr(pipeline, "load_model", fail)
-
-
 def run_config(model_dir: Path, mirror: Path, tmp_path: Path, *overrides: str):
     return compose_config(
-        "method=dense",
-        "model=local",
-        f"model.local_path={model_dir}",
-        "model.context_length=64",
-        f"paths.data_dir={mirror}",
-        f"paths.cache_dir={tmp_path}/cache",
-        "eval=ppl",
-        "eval.max_windows=1",
-        *overrides,
+        *tiny_run_overrides(model_dir, mirror, f"paths.cache_dir={tmp_path}/cache", *overrides)
     )
 
 
@@ -176,16 +160,9 @@ def test_empty_split_from_cli_exits_1_with_the_message(tiny_model_dir, mirror, t
 
 
 def cli_args(model_dir: Path, mirror: Path, tmp_path: Path) -> list[str]:
-    return [
-        "method=dense",
-        "model=local",
-        f"model.local_path={model_dir}",
-        "model.context_length=64",
-        f"paths.data_dir={mirror}",
-        "eval=ppl",
-        "eval.ppl_datasets=[wikitext2]",
-        f"hydra.run.dir={tmp_path}/r",
-    ]
+    return tiny_run_overrides(
+        model_dir, mirror, "eval.ppl_datasets=[wikitext2]", f"hydra.run.dir={tmp_path}/r"
+    )
 
 
 # --- 2. files that are not UTF-8 ------------------------------------------------------------

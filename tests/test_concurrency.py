@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from conftest import compose_config, tiny_run_overrides
 from test_run import REPO, tiny_args
 
 from basis_sharing import pipeline
@@ -159,16 +159,13 @@ def test_the_run_token_tells_apart_runs_of_the_same_second():
 
 def compose_dense(model_dir, mirror, tmp_path, *overrides: str):
     return compose_config(
-        "method=dense",
-        "model=local",
-        f"model.local_path={model_dir}",
-        "model.context_length=64",
-        f"paths.data_dir={mirror}",
-        f"paths.cache_dir={tmp_path}/cache",
-        "eval=ppl",
-        "eval.max_windows=1",
-        "eval.ppl_datasets=[wikitext2]",
-        *overrides,
+        *tiny_run_overrides(
+            model_dir,
+            mirror,
+            f"paths.cache_dir={tmp_path}/cache",
+            "eval.ppl_datasets=[wikitext2]",
+            *overrides,
+        )
     )
 
 

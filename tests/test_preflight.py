@@ -32,16 +32,6 @@ def compose_run(model_dir, mirror, tmp_path, *overrides: str):
     )
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if the pipeline gets as far as loading weights."""
-
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("the model was loaded before the bad setting was refused")
-
-    monkeypatch.setattr(pipeline, "load_model", refuse)
-
-
 def run_refused(cfg, tmp_path, error, message: str) -> dict | None:
     with pytest.raises(error, match=re.escape(message)):
         pipeline.run(cfg, out_dir=tmp_path / "run")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, make_tiny_model
+from conftest import compose_config, make_tiny_model, tiny_run_overrides
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -399,17 +399,14 @@ def test_a_failed_move_puts_the_earlier_save_back(tmp_path, monkeypatch):
 
 def run_cfg(model_dir: Path, mirror: Path, *overrides: str):
     return compose_config(
-        "method=dense",
-        "model=local",
-        f"model.local_path={model_dir}",
-        "model.context_length=64",
-        f"paths.data_dir={mirror}",
-        "eval=ppl",
-        "eval.max_windows=1",
-        "eval.ppl_datasets=[wikitext2]",
-        "device=cpu",
-        "save_model=true",
-        *overrides,
+        *tiny_run_overrides(
+            model_dir,
+            mirror,
+            "eval.ppl_datasets=[wikitext2]",
+            "device=cpu",
+            "save_model=true",
+            *overrides,
+        )
     )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import compose_config
+from conftest import compose_config, tiny_run_overrides
 from omegaconf import OmegaConf
 
 from basis_sharing import pipeline, threads
@@ -240,17 +240,7 @@ def test_more_threads_than_allowed_warns(monkeypatch, restore_threads, caplog):
 
 
 def tiny_overrides(model_dir: Path, mirror: Path, *extra: str) -> list[str]:
-    return [
-        "method=dense",
-        "model=local",
-        f"model.local_path={model_dir}",
-        "model.context_length=64",
-        f"paths.data_dir={mirror}",
-        "eval=ppl",
-        "eval.ppl_datasets=[wikitext2]",
-        "eval.max_windows=1",
-        *extra,
-    ]
+    return tiny_run_overrides(model_dir, mirror, "eval.ppl_datasets=[wikitext2]", *extra)
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])
