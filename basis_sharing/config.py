@@ -46,7 +46,7 @@ class ModelConfig:
 
 @dataclass
 class CalibrationConfig:
-    """Which text the calibration statistics are computed on (method-spec.md section 1.4)."""
+    """Which text the calibration statistics are computed on (docs/methods.md §2.1)."""
 
     dataset: str | None = None  # None: no calibration set configured
     split: str = "train"
@@ -69,7 +69,7 @@ PAPER_ZEROSHOT_TASKS = [
 
 @dataclass
 class ZeroShotConfig:
-    """lm-eval zero-shot reasoning (method-spec.md 2.2); an empty task list skips it."""
+    """lm-eval zero-shot reasoning (docs/methods.md §7.2); an empty task list skips it."""
 
     tasks: list[str] = field(default_factory=lambda: list(PAPER_ZEROSHOT_TASKS))
     limit: float | None = None  # docs per task (int) or a fraction; None: every doc
@@ -79,7 +79,7 @@ class ZeroShotConfig:
 
 @dataclass
 class ThroughputConfig:
-    """Forward and generation speed, dense and compressed in one run (method-spec.md 2.3/2.4)."""
+    """Forward and generation speed, dense and compressed in one run (docs/methods.md §7.3-§7.4)."""
 
     enabled: bool = False
     seq_len: int = 32
@@ -103,7 +103,7 @@ class GenerationConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation protocol (method-spec.md section 2)."""
+    """Evaluation protocol (docs/methods.md §7)."""
 
     ppl_datasets: list[str] = field(default_factory=lambda: ["wikitext2", "ptb", "c4"])
     max_windows: int | None = None  # None: every window, i.e. the full paper protocol
@@ -144,19 +144,19 @@ class FactorizedMethodConfig(MethodConfig):
 
 @dataclass
 class SVDMethodConfig(FactorizedMethodConfig):
-    """Plain truncated SVD (method-spec.md 3.1)."""
+    """Plain truncated SVD (docs/methods.md §5.2)."""
 
 
 @dataclass
 class FWSVDMethodConfig(FactorizedMethodConfig):
-    """Fisher-weighted SVD (method-spec.md 3.2)."""
+    """Fisher-weighted SVD (docs/methods.md §5.3)."""
 
     eps: float = 1e-5  # inside the square root of the Fisher row importance
 
 
 @dataclass
 class ASVDMethodConfig(FactorizedMethodConfig):
-    """Activation-aware SVD (method-spec.md 3.3)."""
+    """Activation-aware SVD (docs/methods.md §5.4)."""
 
     scale: str = "abs_mean"  # or abs_max
     alpha: float = 0.5
@@ -177,7 +177,7 @@ class WhitenedSVDMethodConfig(FactorizedMethodConfig):
 
 @dataclass
 class BasisSharingMethodConfig(WhitenedSVDMethodConfig):
-    """Basis Sharing (method-spec.md 1.2-1.6)."""
+    """Basis Sharing (docs/methods.md §3)."""
 
     group_size: int = 2  # consecutive layers sharing one basis (every released config uses 2)
     shared: list[str] | None = None  # projection kinds sharing a basis; None = family default

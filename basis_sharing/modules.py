@@ -1,4 +1,4 @@
-"""Drop-in compressed projections (surgery at the leaf, DESIGN.md principle 3).
+"""Drop-in compressed projections (surgery at the leaf, docs/architecture.md §5.3).
 
 A compressed projection computes y = (x B) C (+ bias): B (d_in x k) is the basis, C (k x d_out) the
 coefficients. Both are plain ``nn.Linear`` children (weights B^T and C^T), so PEFT, optimisers and

@@ -69,7 +69,7 @@ from basis_sharing.tracking.resume import config_fingerprint, find_completed
 log = logging.getLogger(__name__)
 
 
-THROUGHPUT_CORPUS = ("wikitext2", "validation")  # method-spec.md 2.3
+THROUGHPUT_CORPUS = ("wikitext2", "validation")  # docs/methods.md §7.3
 SAVED_MODEL = "compressed_model"  # save_model=true writes <run dir>/compressed_model
 
 

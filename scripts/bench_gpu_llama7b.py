@@ -1,6 +1,6 @@
 """Basis Sharing on a LLaMA-7B-shaped model with random weights, on a GPU.
 
-Checks the paper's rank table at full scale (method-spec.md 1.6: q/k/v 2184, o 1638, up/gate
+Checks the paper's rank table at full scale (docs/methods.md §3.6: q/k/v 2184, o 1638, up/gate
 2762, down 2388 at 20 %, achieved 20.02 %) and measures where the time and memory go when
 statistics and float64 decompositions run on the accelerator. The model is built in code (random
 weights, so perplexities mean nothing); calibration blocks are random token ids.

@@ -1,6 +1,6 @@
 """Inference speed of Basis Sharing against the dense model, all measured in one process.
 
-The protocol is ``basis_sharing.evaluation.throughput`` (method-spec.md 2.3 and 2.4): forward
+The protocol is ``basis_sharing.evaluation.throughput`` (docs/methods.md §7.3 and §7.4): forward
 passes over batches of 32-token blocks from the first quarter of WikiText-2 validation (10 warm-up
 forwards, median batch time, tokens/s), greedy batch-1 generation tokens/s, weight memory and, on a
 GPU, peak memory. The dense model is measured first, then a fresh dense copy is compressed at each

@@ -92,7 +92,7 @@ def test_set_module_replaces_the_leaf_only(model_and_family):
 
 
 def test_paper_default_sharing():
-    """method-spec.md 1.2: which kinds share a basis across a group, per family."""
+    """docs/methods.md §3.3: which kinds share a basis across a group, per family."""
     assert FAMILIES["llama"].shared == ("q", "k", "v", "up", "gate")
     assert FAMILIES["llama"].private == ("o", "down")
     assert FAMILIES["mistral"].shared == ("q", "up", "gate")

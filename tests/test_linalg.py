@@ -1,4 +1,4 @@
-"""Whitening and shared truncation against exact oracles (method-spec.md 1.4-1.6, 3.4)."""
+"""Whitening and shared truncation against exact oracles (docs/methods.md §3.4-§3.6, §4.1)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def test_unwhiten_is_a_triangular_solve(group):
 
 @pytest.mark.parametrize(
     "d_in,d_out,n,ratio,k",
-    [  # method-spec.md 1.6, recomputed from the paper's rule
+    [  # docs/methods.md §3.6, recomputed from the paper's rule
         (4096, 4096, 2, 0.2, 2184),
         (4096, 4096, 1, 0.2, 1638),
         (4096, 11008, 2, 0.2, 2762),

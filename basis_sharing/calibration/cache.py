@@ -1,4 +1,4 @@
-"""On-disk cache of calibration statistics, so a sweep computes them once (DESIGN.md principle 5).
+"""On-disk cache of calibration statistics: a sweep computes them once (docs/architecture.md §4.2).
 
 A ratio or group-size sweep, or a second method, needs the same Grams: they depend only on the
 model, the calibration tokens and the accumulation dtype, which ``stats_key`` hashes. An entry is

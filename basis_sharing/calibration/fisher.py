@@ -1,4 +1,4 @@
-"""FWSVD's Fisher row importance (method-spec.md 3.2; Hsu et al., ICLR 2022).
+"""FWSVD's Fisher row importance (docs/methods.md §2.4; Hsu et al., ICLR 2022).
 
 FWSVD weighs each row of W: (d_in, d_out) (an input feature, in the y = x W layout) by
 sqrt(sum_b I_b), with the Fisher importance I_ab = sum_batches (dL/dW_ab)^2 of the causal LM loss on

@@ -1,4 +1,4 @@
-"""Streaming Gram matrices X^T X of the projection inputs (method-spec.md 1.4, "Statistics").
+"""Streaming Gram matrices X^T X of the projection inputs (docs/methods.md §2.2).
 
 Every whitening method needs, per decoder layer and per distinct projection input, the Gram
 M_i = X_i^T X_i of the activations X_i: (tokens, d_in) that input saw on the calibration set; a
@@ -69,7 +69,7 @@ class GramStats:
             ) from None
 
     def group_gram(self, layers: Sequence[int], input: str) -> torch.Tensor:
-        """M = sum_{i in layers} X_i^T X_i: (d_in, d_in) in float64 (method-spec.md 1.4).
+        """M = sum_{i in layers} X_i^T X_i: (d_in, d_in) in float64 (docs/methods.md §2.2).
 
         Summed in float64 because S is evaluated in FP64 and a group sums many fp32 Grams.
         """

@@ -1,4 +1,4 @@
-"""Per-input-channel activation scales for ASVD (method-spec.md 3.3).
+"""Per-input-channel activation scales for ASVD (docs/methods.md §2.3).
 
 ASVD scales W by D = diag(s^alpha) before the SVD, where s_j measures how large input channel j is
 on the calibration set: ``abs_mean`` (ASVD-code's default) is the sum over calibration batches of

@@ -1,4 +1,4 @@
-"""The canonical calibration sampler (method-spec.md 1.4, adapted to one tokenization pass).
+"""The canonical calibration sampler (docs/methods.md §2.1: one tokenization pass).
 
 The split's rows are joined with "\\n\\n" and tokenized once, cut into consecutive non-overlapping
 blocks of ``seq_len`` tokens (the remainder is dropped), and ``torch.randperm`` seeded with

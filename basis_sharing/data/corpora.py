@@ -2,7 +2,8 @@
 
 Each corpus is a list of rows in the hub dataset's schema (e.g. WikiText-2's ``text`` rows, where a
 blank line is ``""`` and any other line keeps its trailing newline). Perplexity and calibration
-join the rows with ``"\\n\\n"`` (method-spec.md 2.1), so mirror and hub give identical token ids.
+join the rows with ``"\\n\\n"`` (docs/methods.md §2.1, §7.1), so mirror and hub give identical
+token ids.
 
 Mirror layout (``paths.data_dir``; ``../shared/assets/README.md`` documents the files):
 

@@ -1,4 +1,4 @@
-"""Parameter accounting: the compression-ratio definition of method-spec.md 1.6.
+"""Parameter accounting: the compression-ratio definition of docs/methods.md §1.3.
 
 The ratio counts only the weights of the decoder-block projections (q, k, v, o, up, gate, down, or
 GPT-2's c_attn, attn.c_proj, c_fc, mlp.c_proj). Embeddings, lm_head, norms and biases are neither

@@ -1,4 +1,4 @@
-"""Perplexity with the Basis Sharing paper's protocol (method-spec.md 2.1).
+"""Perplexity with the Basis Sharing paper's protocol (docs/methods.md §7.1).
 
 The test split's rows are joined with "\\n\\n" and tokenized once; the ids are cut into
 non-overlapping windows of the model's context length, the last partial window included. Each

@@ -1,4 +1,4 @@
-"""Inference speed and memory of a (compressed) model: method-spec.md 2.3 and 2.4.
+"""Inference speed and memory of a (compressed) model: docs/methods.md §7.3 and §7.4.
 
 Forward throughput follows the Basis Sharing protocol: the first quarter of the WikiText-2
 validation tokens cut into 32-token blocks, batches of them (512 on a GPU; a CPU-sized batch on a

@@ -8,8 +8,8 @@ the local data mirror holds a task's rows (``<data_dir>/lm-eval/<task>/<split>.j
 schema) a generated YAML ``include``\\ s the standard one and swaps only the data source to that
 file; otherwise the standard hub task runs (needs the hub, or a populated ``HF_HOME``).
 
-The paper reports ``acc`` (method-spec.md 2.2); ``acc_norm`` is recorded as well where the task has
-it, with the task versions and sample counts.
+The paper reports ``acc`` (docs/methods.md §7.2); ``acc_norm`` is recorded as well where the task
+has it, with the task versions and sample counts.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Shared-basis truncated factorisation of a layer group (method-spec.md 1.5, 1.6).
+"""Shared-basis truncated factorisation of a layer group (docs/methods.md §3.5, §3.6).
 
 W_G = [W_1 | ... | W_n] (d_in x n*d_out, y = x W orientation). With S the group's whitening
 factor, the thin SVD S W_G = U Sigma V^T gives the basis B = S^{-1} U_k Sigma_k (d_in x k) and the

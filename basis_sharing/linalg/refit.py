@@ -1,4 +1,4 @@
-"""Least-squares refit of coefficients on deviated inputs (method-spec.md 1.8, 3.4).
+"""Least-squares refit of coefficients on deviated inputs (docs/methods.md §3.9, §4.3).
 
 After compression the inputs X^ of a layer differ from the original X (earlier layers changed).
 Keeping the basis B fixed, the coefficients that best reproduce the ORIGINAL weights' outputs on

@@ -1,4 +1,4 @@
-"""Cholesky whitening of calibration statistics (method-spec.md 1.4).
+"""Cholesky whitening of calibration statistics (docs/methods.md §3.4).
 
 For a layer group with Gram M = sum_i X_i^T X_i (d_in x d_in), S = L^T with M = L L^T is the
 upper-triangular factor with S^T S = M, so that ||X D||_F = ||S D||_F for any D (d_in x d_out):

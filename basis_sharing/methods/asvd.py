@@ -1,4 +1,4 @@
-"""Activation-aware SVD (Yuan et al., 2023; method-spec.md 3.3).
+"""Activation-aware SVD (Yuan et al., 2023; docs/methods.md §5.4).
 
 Input channel j of W (y = x W) is scaled by s_j^alpha, s_j its calibration activation magnitude
 (``abs_mean``: the sum over batches of the mean |x_j|; ``abs_max``), so that channels carrying large

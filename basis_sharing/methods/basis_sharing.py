@@ -2,7 +2,7 @@
 
 For every projection kind, consecutive layers form groups; each group's weights W_G = [W_1|...|W_n]
 are whitened by the Cholesky factor of the group's summed input Gram and truncated by SVD into one
-shared basis and per-layer coefficients (method-spec.md 1.4-1.6). Private kinds are groups of one
+shared basis and per-layer coefficients (docs/methods.md §3.4-§3.6). Private kinds are groups of one
 layer, which is exactly SVD-LLM (whitening + truncation); ``svd_llm`` is this class with every kind
 private. Both have the optional deviated-input ``update`` (``basis_sharing.methods.update``).
 """
@@ -82,7 +82,7 @@ class BasisSharing(FactorizedMethod):
     def scaling(
         self, plan: GroupPlan, family: FamilyAdapter, stats: dict[str, Any], device: torch.device
     ) -> tuple[torch.Tensor, float]:
-        """Cholesky factor of the group's summed Gram (method-spec.md 1.4)."""
+        """Cholesky factor of the group's summed Gram (docs/methods.md §3.4)."""
         gram = stats["gram"].group_gram(plan.layers, family.projection(plan.kind).input)
         whitening = whitening_factor(gram.to(device), eps=self.cfg.eps)
         return whitening.S, whitening.shift

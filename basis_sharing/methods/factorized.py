@@ -1,4 +1,4 @@
-"""The machinery every SVD-family method shares (DESIGN.md principle 4).
+"""The machinery every SVD-family method shares (docs/methods.md §5.1).
 
 A factorised method replaces each group of projections (one layer, or a group of consecutive
 layers sharing a basis) by a truncated factorisation of S W_G, where S is the method's input

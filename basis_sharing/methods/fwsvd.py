@@ -1,4 +1,4 @@
-"""Fisher-weighted SVD (Hsu et al., ICLR 2022; method-spec.md 3.2).
+"""Fisher-weighted SVD (Hsu et al., ICLR 2022; docs/methods.md §5.3).
 
 Each input row of W (y = x W layout) is weighted by the square root of its Fisher importance,
 the squared LM-loss gradients summed over calibration batches and over the output dimension:

@@ -1,7 +1,7 @@
 """Rank plans: which layers form a group for each projection kind, and each group's rank.
 
 A plan is computed from shapes and the target ratio only, before any statistics or decomposition,
-so the achieved compression can be checked before the heavy work (DESIGN.md principle 4).
+so the achieved compression can be checked before the heavy work (docs/architecture.md §5.4).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def plan_groups(
     private: Sequence[str],
     remainder_rank: str = "nominal",
 ) -> list[GroupPlan]:
-    """Groups and ranks for every projection kind (method-spec.md 1.3, 1.6).
+    """Groups and ranks for every projection kind (docs/methods.md §3.2, §3.6).
 
     Shared kinds use consecutive groups of ``group_size`` layers and k from the budget rule with
     n = group_size; private kinds use one group per layer (n = 1). A smaller last group keeps the

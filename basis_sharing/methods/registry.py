@@ -1,4 +1,4 @@
-"""Name-keyed registry of compression methods (DESIGN.md principle 4).
+"""Name-keyed registry of compression methods (docs/architecture.md §5.4).
 
 A method is a class registered with ``@register_method("name")``; the Hydra ``method`` group selects
 it by ``method.name``. The pipeline asks a method what it needs before any heavy work starts

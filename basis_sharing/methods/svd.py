@@ -1,4 +1,4 @@
-"""Plain truncated SVD (method-spec.md 3.1): no data, rank from the same parameter budget."""
+"""Plain truncated SVD (docs/methods.md §5.2): no data, rank from the same parameter budget."""
 
 from __future__ import annotations
 

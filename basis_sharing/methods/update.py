@@ -1,4 +1,4 @@
-"""Refitting coefficients on deviated inputs (method-spec.md 1.8 and 3.4).
+"""Refitting coefficients on deviated inputs (docs/methods.md §3.9 and §4.3).
 
 Both updates keep every basis fixed and solve, per group, the least-squares problem
 C = argmin ||X^ W_G - X^ B C||_F (``linalg.refit``), where X^ are the inputs the projections see

@@ -1,7 +1,7 @@
 """Save and load compressed models as safetensors plus a JSON manifest (never a pickle).
 
 The reference code saves a torch pickle because safetensors rejects the duplicate keys of its
-shared bases (method-spec.md 1.7). Here every shared basis is registered once in
+shared bases (docs/methods.md §3.8). Here every shared basis is registered once in
 ``model.shared_bases``, so ``safetensors.torch.save_model`` stores each tensor once. What the
 state dict cannot say (which projections were replaced, by which module, with which rank and
 basis) goes into ``compression.json``; loading rebuilds the module tree from that layout on the

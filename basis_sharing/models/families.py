@@ -1,10 +1,10 @@
 """Model-family adapters: where a family keeps its decoder layers and projections.
 
-Families are data, not branches (DESIGN.md principle 2): each adapter lists, per projection kind,
-its attribute path inside a decoder layer, the activation it reads, and its weight layout. Every
-other module asks the adapter instead of testing ``model_type``.
+Families are data, not branches (docs/architecture.md §5.2): each adapter lists, per projection
+kind, its attribute path inside a decoder layer, the activation it reads, and its weight layout.
+Every other module asks the adapter instead of testing ``model_type``.
 
-Orientation (method-spec.md 1.1): a projection is y = x W with W of shape (d_in, d_out). An
+Orientation (docs/methods.md §1.1): a projection is y = x W with W of shape (d_in, d_out). An
 ``nn.Linear`` stores W^T, GPT-2's ``Conv1D`` stores W itself.
 """
 
@@ -48,7 +48,7 @@ class FamilyAdapter:
     model_types: tuple[str, ...]
     layers_path: str
     projections: tuple[Projection, ...]
-    shared: tuple[str, ...]  # kinds sharing one basis per layer group (method-spec.md 1.2)
+    shared: tuple[str, ...]  # kinds sharing one basis per layer group (docs/methods.md §3.3)
     private: tuple[str, ...]  # kinds with one basis per layer
     # The GQA rule: these kinds become private by default when their output is at most half as
     # wide as their input (grouped-query k/v). Applied with the layer shapes where the defaults
@@ -187,7 +187,7 @@ OPT = FamilyAdapter(
     private=("o", "down"),
 )
 
-# GPT-2's released config shares W_O too, against the paper's own rule (method-spec.md 1.2, 6.4);
+# GPT-2's released config shares W_O too, against the paper's own rule (docs/methods.md §3.3, §8);
 # we follow the released config so Table 5 is comparable, and say so.
 GPT2 = FamilyAdapter(
     name="gpt2",

@@ -1,8 +1,8 @@
 """The results store: finished run records collected under ``results/runs/`` and read as a table.
 
 Hydra writes each job's ``results.json`` into a dated output directory that is not committed. The
-store is the committed, stable copy that tables and plots are built from (DESIGN.md principle 6),
-so they regenerate offline and in CI:
+store is the committed, stable copy that tables and plots are built from
+(docs/architecture.md §5.6), so they regenerate offline and in CI:
 
     results/runs/<model>/<name>/<job>/results.json     (a sweep, <job> = Hydra's job directory)
     results/runs/<model>/<name>/results.json           (a single run collected under a name)
