@@ -2,7 +2,8 @@
 
 It is written when the run starts (status "running"), after every stage, and at the end
 ("completed" or "failed" with the error), atomically each time, so an interrupted or failed run
-still leaves everything it computed. Tables and plots are built only from these files.
+still leaves everything it computed. Tables and plots are built only from these files. The
+layout (section names, their types, what each status implies) is ``tracking.schema``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from basis_sharing.tracking import schema
 from basis_sharing.tracking.environment import environment
 from basis_sharing.tracking.resources import measure
+from basis_sharing.tracking.schema import SCHEMA_VERSION, Key, Status, section
 
-SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
 # A rerun (force=true, or another configuration in the same job directory) writes here until it
 # completes, so a completed results.json is never lost to a run that then fails; the record it
@@ -42,21 +44,21 @@ class RunRecord:
         # they are produced, without the pipeline knowing about them).
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self.data: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "status": "running",
-            "started_at": _now(),
-            "finished_at": None,
-            "run_dir": str(self.out_dir.resolve()),
+            Key.SCHEMA_VERSION: SCHEMA_VERSION,
+            Key.STATUS: Status.RUNNING,
+            Key.STARTED_AT: _now(),
+            Key.FINISHED_AT: None,
+            Key.RUN_DIR: str(self.out_dir.resolve()),
             **fields,
-            "config": config,
-            "model": {},
-            "data": {},
-            "hashes": {"eval": {}, "calibration": None},
-            "params": {},
-            "metrics": {},
-            "stages": {},
-            "environment": environment(),
-            "error": None,
+            Key.CONFIG: config,
+            Key.MODEL: {},
+            Key.DATA: {},
+            Key.HASHES: {"eval": {}, "calibration": None},
+            Key.PARAMS: {},
+            Key.METRICS: {},
+            Key.STAGES: {},
+            Key.ENVIRONMENT: environment(),
+            Key.ERROR: None,
         }
 
     def __getitem__(self, key: str) -> Any:
@@ -69,14 +71,18 @@ class RunRecord:
     def stage(self, name: str, device=None) -> Iterator[dict]:
         """Time a pipeline stage and record its wall time and peak memory."""
         stats: dict[str, Any] = {}
-        self.data["stages"][name] = stats
+        self.data[Key.STAGES][name] = stats
         with measure(stats, device):
             yield stats
         self.write()
 
+    def metric(self, name: str) -> dict[str, Any]:
+        """``metrics.<name>`` to fill (created empty on first use), e.g. ``Metric.PERPLEXITY``."""
+        return self.data[Key.METRICS].setdefault(name, {})
+
     def finish(self) -> Path:
-        self.data["status"] = "completed"
-        self.data["finished_at"] = _now()
+        self.data[Key.STATUS] = Status.COMPLETED
+        self.data[Key.FINISHED_AT] = _now()
         self.write()
         if self.path != self.final_path:  # only now may the earlier completed record go
             if self.final_path.exists():
@@ -86,9 +92,9 @@ class RunRecord:
         return self.path
 
     def fail(self, exc: BaseException) -> Path:
-        self.data["status"] = "failed"
-        self.data["finished_at"] = _now()
-        self.data["error"] = {"type": type(exc).__name__, "message": str(exc)}
+        self.data[Key.STATUS] = Status.FAILED
+        self.data[Key.FINISHED_AT] = _now()
+        self.data[Key.ERROR] = schema.error_info(exc)
         return self.write()
 
     def write(self) -> Path:
@@ -103,7 +109,7 @@ class RunRecord:
 
 def _completed(path: Path) -> bool:
     try:
-        return json.loads(path.read_text()).get("status") == "completed"
+        return json.loads(path.read_text()).get(Key.STATUS) == Status.COMPLETED
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -154,18 +160,18 @@ def _throughput_lines(throughput: dict[str, Any] | None) -> list[str]:
 
 def summary_table(data: dict[str, Any]) -> str:
     """A short plain-text summary of a run record (printed at the end of every run)."""
-    params = data.get("params", {})
-    ratio = data.get("target_ratio")
+    params = section(data, Key.PARAMS)
+    ratio = data.get(Key.TARGET_RATIO)
     lines = [
-        f"model {data.get('model', {}).get('name')} | method {data.get('method')} | "
-        f"target ratio {'-' if ratio is None else ratio} | status {data.get('status')}",
+        f"model {section(data, Key.MODEL).get('name')} | method {data.get(Key.METHOD)} | "
+        f"target ratio {'-' if ratio is None else ratio} | status {data.get(Key.STATUS)}",
     ]
     if params:
         lines.append(
             f"params: total {params['total']:,} | decoder projections "
             f"{params['decoder_projections']:,} (achieved ratio {params['achieved_ratio']:.4f})"
         )
-    ppl = data.get("metrics", {}).get("perplexity", {})
+    ppl = schema.perplexity(data)
     if ppl:
         lines.append(f"{'dataset':<11}{'ppl':>10}{'windows':>12}{'tokens':>10}  note")
         for name, r in ppl.items():
@@ -174,11 +180,11 @@ def summary_table(data: dict[str, Any]) -> str:
             lines.append(
                 f"{name:<11}{_fmt_ppl(r['ppl']):>10}{windows:>12}{r['n_tokens']:>10}  {note}"
             )
-    lines += _zeroshot_lines(data.get("metrics", {}).get("zeroshot"))
-    lines += _throughput_lines(data.get("metrics", {}).get("throughput"))
-    for sample in data.get("generation_samples") or []:
+    lines += _zeroshot_lines(schema.zeroshot(data))
+    lines += _throughput_lines(schema.throughput(data))
+    for sample in data.get(Key.GENERATION_SAMPLES) or []:
         lines.append(f"sample: {sample['prompt']!r} -> {sample['completion']!r}")
-    stages = data.get("stages", {})
+    stages = section(data, Key.STAGES)
     if stages:
         width = max(14, *(len(name) + 2 for name in stages))
         lines.append(f"{'stage':<{width}}{'wall s':>9}{'peak RSS MB':>13}{'CUDA peak MB':>14}")
