@@ -16,6 +16,7 @@ import pandas as pd
 
 from basis_sharing.tables.formatting import format_value
 from basis_sharing.tables.specs import METHOD_LABELS, Column, Row, TableSpec, pct
+from basis_sharing.tracking.schema import ACC_COLUMN_PREFIX, PPL_COLUMN_PREFIX, Key, Status
 
 TOLERANCE = 1e-9
 
@@ -94,10 +95,10 @@ def _scalar(value: Any) -> float | None:
 
 def _truncated(run: pd.Series, metric: str) -> bool:
     """Whether the metric comes from part of the protocol (max_windows, a zero-shot limit)."""
-    if metric.startswith("ppl."):
+    if metric.startswith(PPL_COLUMN_PREFIX):
         flag = run.get(f"{metric}.truncated")
         return flag is not None and flag is not pd.NA and bool(flag)
-    if metric.startswith("acc."):
+    if metric.startswith(ACC_COLUMN_PREFIX):
         return _scalar(run.get("acc.limit")) is not None
     return False
 
@@ -112,7 +113,7 @@ def fill_reproduced(cell: Cell, runs: pd.DataFrame, filters: Mapping[str, Any]) 
     cell.n_runs = len(candidates)
     if candidates.empty:
         return
-    latest = candidates.sort_values(["finished_at", "path"], na_position="first").iloc[-1]
+    latest = candidates.sort_values([Key.FINISHED_AT, "path"], na_position="first").iloc[-1]
     cell.reproduced = _scalar(latest[metric]) * cell.column.scale
     cell.run = latest["path"]
     cell.truncated = _truncated(latest, metric)
@@ -134,7 +135,7 @@ def fill_reported(cell: Cell, paper: pd.DataFrame, filters: Mapping[str, Any]) -
 
 def build_table(spec: TableSpec, runs: pd.DataFrame, paper: pd.DataFrame | None) -> TableResult:
     """Every cell of ``spec`` from the store rows ``runs`` and the paper lines ``paper``."""
-    completed = runs[runs["status"] == "completed"] if "status" in runs else runs
+    completed = runs[runs[Key.STATUS] == Status.COMPLETED] if Key.STATUS in runs else runs
     used: set[int] = set()
     cells = []
     for row in spec.rows:

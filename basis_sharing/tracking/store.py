@@ -23,8 +23,10 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from basis_sharing.tracking import schema
 from basis_sharing.tracking.record import RESULTS_FILE
 from basis_sharing.tracking.resume import config_fingerprint, read_record
+from basis_sharing.tracking.schema import ACC_COLUMN_PREFIX, PPL_COLUMN_PREFIX, Key, section
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +78,9 @@ def _job_name(run_dir: Path, src: Path) -> str:
 
 
 def _model_name(record: dict[str, Any]) -> str:
-    name = (record.get("model") or {}).get("name")
+    name = section(record, Key.MODEL).get("name")
     if name is None:
-        name = ((record.get("config") or {}).get("model") or {}).get("name")
+        name = (section(record, Key.CONFIG).get("model") or {}).get("name")
     return str(name or "unknown_model")
 
 
@@ -109,7 +111,7 @@ def collect(
         if record is None:
             report.unreadable.append(path)
             continue
-        if record.get("status") != "completed":
+        if not schema.is_completed(record):
             report.not_completed.append(path)
             continue
         job = _job_name(path.parent, src)
@@ -139,40 +141,40 @@ def _get(node: Any, *keys: str) -> Any:
 
 def record_row(record: dict[str, Any]) -> dict[str, Any]:
     """The store's view of one record: one flat dict of scalars."""
-    config = record.get("config") or {}
+    config = section(record, Key.CONFIG)
     method_cfg = config.get("method") or {}
-    method_info = record.get("method_info") or {}
-    metrics = record.get("metrics") or {}
-    stages = record.get("stages") or {}
-    target = record.get("target_ratio")
+    method_info = section(record, Key.METHOD_INFO)
+    stages = section(record, Key.STAGES)
+    target = record.get(Key.TARGET_RATIO)
     group_size = method_cfg.get("group_size", method_info.get("group_size"))
     row: dict[str, Any] = {
         "model": _model_name(record),
-        "method": record.get("method") or method_cfg.get("name"),
+        "method": record.get(Key.METHOD) or method_cfg.get("name"),
         "target_ratio": None if target is None else float(target),
-        "achieved_ratio": _get(record, "params", "achieved_ratio"),
+        "achieved_ratio": _get(record, Key.PARAMS, "achieved_ratio"),
         "group_size": None if group_size is None else int(group_size),
         "update": bool(method_cfg.get("update", False)),
         "calibration": _get(config, "calibration", "dataset"),
         "calibration_split": _get(config, "calibration", "split"),
         "finetune": _get(config, "finetune", "name") or "none",
-        "status": record.get("status"),
-        "finished_at": record.get("finished_at"),
+        "status": record.get(Key.STATUS),
+        "finished_at": record.get(Key.FINISHED_AT),
         "fingerprint": config_fingerprint(config),
-        "params.total": _get(record, "params", "total"),
+        "params.total": _get(record, Key.PARAMS, "total"),
     }
     compress_s = [stages[s]["wall_s"] for s in COMPRESS_STAGES if "wall_s" in stages.get(s, {})]
     row["time.compress_s"] = sum(compress_s) if compress_s else None
-    for dataset, result in (metrics.get("perplexity") or {}).items():
-        row[f"ppl.{dataset}"] = result.get("ppl")
-        row[f"ppl.{dataset}.truncated"] = result.get("truncated")
-        row[f"ppl.{dataset}.windows"] = result.get("n_windows_evaluated")
-    zeroshot = metrics.get("zeroshot") or {}
+    for dataset, result in schema.perplexity(record).items():
+        column = f"{PPL_COLUMN_PREFIX}{dataset}"
+        row[column] = result.get("ppl")
+        row[f"{column}.truncated"] = result.get("truncated")
+        row[f"{column}.windows"] = result.get("n_windows_evaluated")
+    zeroshot = schema.zeroshot(record)
     for task, result in (zeroshot.get("tasks") or {}).items():
-        row[f"acc.{task}"] = result.get("acc")
+        row[f"{ACC_COLUMN_PREFIX}{task}"] = result.get("acc")
     row["acc.mean"] = zeroshot.get("mean_acc")
     row["acc.limit"] = zeroshot.get("limit")
-    row["speedup.forward"] = _get(metrics, "throughput", "speedup", "forward")
+    row["speedup.forward"] = _get(schema.throughput(record), "speedup", "forward")
     return row
 
 

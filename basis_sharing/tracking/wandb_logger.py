@@ -29,8 +29,10 @@ from omegaconf import DictConfig, OmegaConf
 from basis_sharing.config import WANDB_MODES
 from basis_sharing.errors import ConfigError, UserError
 from basis_sharing.methods.plan import GroupPlan
+from basis_sharing.tracking import schema
 from basis_sharing.tracking.loggers import RunLogger
 from basis_sharing.tracking.record import RESULTS_FILE, RunRecord
+from basis_sharing.tracking.schema import Key
 
 if TYPE_CHECKING:
     from wandb.sdk.wandb_run import Run
@@ -40,16 +42,16 @@ log = logging.getLogger(__name__)
 # Sections of results.json whose scalars are metrics; the rest (config, environment, data
 # provenance, hashes) is static and travels in the run config and the artifact.
 TRACKED_SECTIONS = (
-    "status",
-    "target_ratio",
-    "calibration",
-    "params",
-    "method_info",
-    "metrics",
-    "stages",
-    "error",
+    Key.STATUS,
+    Key.TARGET_RATIO,
+    Key.CALIBRATION,
+    Key.PARAMS,
+    Key.METHOD_INFO,
+    Key.METRICS,
+    Key.STAGES,
+    Key.ERROR,
 )
-GROUPS_TABLE_KEY = "method_info.groups"
+GROUPS_TABLE_KEY = schema.dotted(Key.METHOD_INFO, schema.GROUPS)
 GROUPS_TABLE_COLUMNS = ("kind", "group", "layers", "d_in", "d_out", "rank", "params")
 ARTIFACT_TYPE = "run-record"
 CONFIG_FILE = "config.yaml"
@@ -90,12 +92,12 @@ def run_tags(record: dict[str, Any], extra: list[str]) -> list[str]:
     the resolved values; without Hydra (``pipeline.run`` called directly) the config is used.
     A method that does not compress gets ``ratio=none``.
     """
-    choices = record.get("choices") or {}
-    config = record["config"]
-    ratio = record.get("target_ratio")
+    choices = record.get(Key.CHOICES) or {}
+    config = record[Key.CONFIG]
+    ratio = record.get(Key.TARGET_RATIO)
     tags = [
         choices.get("model", config["model"]["name"]),
-        record["method"],
+        record[Key.METHOD],
         f"ratio={'none' if ratio is None else f'{ratio:g}'}",
         f"calib={choices.get('calibration', config['calibration']['dataset'] or 'none')}",
         f"ft={choices.get('finetune', config['finetune']['name'])}",
@@ -106,8 +108,8 @@ def run_tags(record: dict[str, Any], extra: list[str]) -> list[str]:
 
 def run_name(record: dict[str, Any]) -> str:
     """``<model>-<method>[-r<ratio>]``: readable in the run list (W&B ids stay unique)."""
-    ratio = record.get("target_ratio")
-    name = f"{record['config']['model']['name']}-{record['method']}"
+    ratio = record.get(Key.TARGET_RATIO)
+    name = f"{record[Key.CONFIG]['model']['name']}-{record[Key.METHOD]}"
     return name if ratio is None else f"{name}-r{ratio:g}"
 
 
@@ -243,10 +245,10 @@ class WandbLogger(RunLogger):
                 project=self.project,
                 entity=self.entity,
                 group=self.group,
-                job_type=record["method"],
+                job_type=record[Key.METHOD],
                 name=run_name(record.data),
                 tags=run_tags(record.data, self.tags),
-                config=record["config"],
+                config=record[Key.CONFIG],
                 dir=str(root),
                 reinit="finish_previous",
             )
@@ -259,7 +261,7 @@ class WandbLogger(RunLogger):
 
     def _log_outputs(self, wandb, run: Run, record: RunRecord) -> None:
         """The ranks table and the run-record artifact (results.json + resolved config)."""
-        groups = (record.data.get("method_info") or {}).get("groups")
+        groups = schema.groups(record.data)
         if groups:
             table = wandb.Table(columns=list(GROUPS_TABLE_COLUMNS), data=group_rows(groups))
             run.log({GROUPS_TABLE_KEY: table})
@@ -268,13 +270,13 @@ class WandbLogger(RunLogger):
             type=ARTIFACT_TYPE,
             description="results.json and the resolved config of one basis-sharing job",
             metadata={
-                "status": record["status"],
-                "method": record["method"],
-                "model": record["config"]["model"]["name"],
-                "target_ratio": record.data.get("target_ratio"),
+                Key.STATUS: record[Key.STATUS],
+                Key.METHOD: record[Key.METHOD],
+                "model": record[Key.CONFIG]["model"]["name"],
+                Key.TARGET_RATIO: record.data.get(Key.TARGET_RATIO),
             },
         )
         artifact.add_file(str(record.path), name=RESULTS_FILE)
         with artifact.new_file(CONFIG_FILE) as f:
-            f.write(OmegaConf.to_yaml(record["config"]))
+            f.write(OmegaConf.to_yaml(record[Key.CONFIG]))
         run.log_artifact(artifact)
