@@ -10,18 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from basis_sharing.models.families import FamilyAdapter
-from basis_sharing.modules import SHARED_BASES
-
-
-def unique_parameters(modules: list[nn.Module], skip_bias: bool = False) -> dict[int, int]:
-    """id(param) -> numel over the parameters of ``modules``, each tensor once."""
-    seen: dict[int, int] = {}
-    for module in modules:
-        for name, param in module.named_parameters():
-            if skip_bias and name.rsplit(".", 1)[-1] == "bias":
-                continue
-            seen.setdefault(id(param), param.numel())
-    return seen
+from basis_sharing.modules import SHARED_BASES, count_kept
 
 
 def projection_modules(model: nn.Module, family: FamilyAdapter) -> list[nn.Module]:
@@ -39,7 +28,12 @@ def count_total(model: nn.Module) -> int:
 
 
 def count_projection_weights(model: nn.Module, family: FamilyAdapter) -> int:
-    return sum(unique_parameters(projection_modules(model, family), skip_bias=True).values())
+    """Kept projection weights: each module counts its own, a shared tensor counted once.
+
+    The registry of shared bases comes last, so only a basis no projection uses is added there.
+    """
+    seen: set[int] = set()
+    return sum(count_kept(module, seen) for module in projection_modules(model, family))
 
 
 def dense_projection_weights(model: nn.Module, family: FamilyAdapter) -> int:

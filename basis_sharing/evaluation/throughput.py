@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from basis_sharing.errors import ConfigError
 from basis_sharing.evaluation.generation import greedy_generate
-from basis_sharing.modules import LowRankLinear, SharedBasisLinear
+from basis_sharing.modules import break_even_rank, compressed_modules
 
 log = logging.getLogger(__name__)
 
@@ -179,28 +179,24 @@ def generation_throughput(
     )
 
 
-def break_even_rank(d_in: int, d_out: int) -> float:
-    """Rank at which (x B) C costs as many multiply-adds as x W."""
-    return d_in * d_out / (d_in + d_out)
-
-
 def rank_above_break_even(model: nn.Module) -> list[dict[str, Any]]:
-    """Factorised projections whose rank makes them slower than the dense layer."""
+    """Compressed projections whose rank makes them slower than the dense layer.
+
+    Each module says where its break-even lies (``CompressedLinear.break_even_rank``).
+    """
     slow = []
-    for name, module in model.named_modules():
-        if isinstance(module, LowRankLinear | SharedBasisLinear):
-            d_in, d_out = module.basis.in_features, module.coefficient.out_features
-            limit = break_even_rank(d_in, d_out)
-            if module.rank > limit:
-                slow.append(
-                    {
-                        "module": name,
-                        "rank": module.rank,
-                        "break_even": round(limit, 1),
-                        "d_in": d_in,
-                        "d_out": d_out,
-                    }
-                )
+    for name, module in compressed_modules(model):
+        limit = module.break_even_rank()
+        if module.rank > limit:
+            slow.append(
+                {
+                    "module": name,
+                    "rank": module.rank,
+                    "break_even": round(limit, 1),
+                    "d_in": module.d_in,
+                    "d_out": module.d_out,
+                }
+            )
     return slow
 
 

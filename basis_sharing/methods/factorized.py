@@ -27,13 +27,7 @@ from basis_sharing.linalg.factorization import SharedDecomposition, decompose_sh
 from basis_sharing.methods.plan import GroupPlan, plan_groups, planned_params
 from basis_sharing.methods.registry import CompressionContext, CompressionMethod
 from basis_sharing.models.families import FamilyAdapter
-from basis_sharing.modules import (
-    LowRankLinear,
-    SharedBasisLinear,
-    basis_linear,
-    coefficient_linear,
-    shared_bases,
-)
+from basis_sharing.modules import install_factors
 
 log = logging.getLogger(__name__)
 
@@ -188,22 +182,14 @@ class FactorizedMethod(CompressionMethod):
 
 
 def install(model, layers, family, plan: GroupPlan, basis, coefficients) -> None:
-    """Replace the projections of ``plan``'s layers by the factorised modules."""
-    reference = family.module(layers[plan.layers[0]], plan.kind)
-    dtype = reference.weight.dtype
-    registry, key = None, None
-    if plan.shared:
-        registry = shared_bases(model)
-        key = f"{plan.kind}_g{plan.index}"
-        registry[key] = basis_linear(basis, dtype)
-    for member, coefficient in zip(plan.layers, coefficients, strict=True):
-        bias = family.bias(layers[member], plan.kind)
-        coeff = coefficient_linear(coefficient, bias, dtype)
-        if registry is not None:
-            new: nn.Module = SharedBasisLinear(registry, key, coeff)
-        else:
-            new = LowRankLinear(basis_linear(basis, dtype), coeff)
-        family.set_module(layers[member], plan.kind, new)
+    """Replace the projections of ``plan``'s layers by the factorised modules.
+
+    A shared group's basis is registered as ``model.shared_bases["<kind>_g<group index>"]``.
+    """
+    path = family.projection(plan.kind).path
+    key = f"{plan.kind}_g{plan.index}" if plan.shared else None
+    leaves = [(layers[member], path) for member in plan.layers]
+    install_factors(model, leaves, basis, coefficients, shared_key=key)
 
 
 def snapshot_weights(

@@ -35,7 +35,7 @@ from basis_sharing.models import integrity
 from basis_sharing.models.families import FAMILIES, FamilyAdapter, get_family
 from basis_sharing.models.integrity import MANIFEST, WEIGHTS, CompressedModelError
 from basis_sharing.models.loading import torch_dtype
-from basis_sharing.modules import SHARED_BASES, LowRankLinear, SharedBasisLinear, shared_bases
+from basis_sharing.modules import MODULE_TYPES, SHARED_BASES, LayoutError, is_compressed
 from basis_sharing.tracking.environment import package_versions
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,8 @@ REQUIRED_KEYS = {
     1: ("format_version", "family", "layout", "weights_sha256"),
     2: ("format_version", "family", "layout", "info", integrity.FILES_KEY, integrity.SECTIONS_KEY),
 }
-ENTRY_KEYS = ("layer", "kind", "type", "rank", "d_in", "d_out", "bias", "basis_key")
-LOWRANK, SHARED = "lowrank", "shared"
+# Every entry says where it goes and which module type rebuilds it; the type owns the other keys.
+ENTRY_KEYS = ("layer", "kind", "type")
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 _PACKAGES = ("torch", "transformers", "safetensors", "basis-sharing")
 
@@ -123,38 +123,33 @@ def compressed_layout(model: nn.Module, family: FamilyAdapter) -> list[dict[str,
     for index, layer in enumerate(family.layers(model)):
         for kind in family.kinds:
             module = family.module(layer, kind)
-            if isinstance(module, LowRankLinear | SharedBasisLinear):
-                layout.append(_layout_entry(index, kind, module, registry))
+            if is_compressed(module):
+                layout.append(_layout_entry(index, kind, module, model))
             elif not _is_dense_projection(module):
                 raise CompressedModelError(
                     f"Cannot save layer {index} projection '{kind}': its module "
-                    f"{type(module).__name__} is neither a dense projection nor one of "
-                    "LowRankLinear/SharedBasisLinear, so it could not be rebuilt on loading."
+                    f"{type(module).__name__} is neither a dense projection nor a registered "
+                    f"compressed module type ({', '.join(sorted(MODULE_TYPES))}), so it could "
+                    "not be rebuilt on loading."
                 )
     _check_registry_is_used(registry, layout)
     return layout
 
 
-def _layout_entry(
-    index: int, kind: str, module: nn.Module, registry: nn.ModuleDict | None
-) -> dict[str, Any]:
-    shared = isinstance(module, SharedBasisLinear)
-    if shared and (module._registry is not registry or module.basis_key not in registry):
+def _layout_entry(index: int, kind: str, module: nn.Module, model: nn.Module) -> dict[str, Any]:
+    """The module's own entry; its type must be registered, or loading could not rebuild it."""
+    name = module.layout_type
+    if MODULE_TYPES.get(name) is not type(module):
         raise CompressedModelError(
-            f"Layer {index} projection '{kind}' uses basis '{module.basis_key}' that is not in "
-            f"model.{SHARED_BASES}; it would not be saved. Build shared layers with "
-            "basis_sharing.modules.shared_bases(model) as the registry."
+            f"Cannot save layer {index} projection '{kind}': its module {type(module).__name__} "
+            f"(type '{name}') is not the registered compressed module type of that name, so it "
+            "could not be rebuilt on loading. Decorate it with "
+            "basis_sharing.modules.register_module_type."
         )
-    return {
-        "layer": index,
-        "kind": kind,
-        "type": SHARED if shared else LOWRANK,
-        "rank": module.rank,
-        "d_in": module.basis.in_features,
-        "d_out": module.coefficient.out_features,
-        "bias": module.coefficient.bias is not None,
-        "basis_key": module.basis_key if shared else None,
-    }
+    try:
+        return module.layout_entry(index, kind, model)
+    except LayoutError as err:
+        raise CompressedModelError(str(err)) from err
 
 
 def _is_dense_projection(module: nn.Module) -> bool:
@@ -165,7 +160,7 @@ def _is_dense_projection(module: nn.Module) -> bool:
 
 def _check_registry_is_used(registry: nn.ModuleDict | None, layout: list[dict]) -> None:
     """A basis no layer references would be saved but could not be placed on loading."""
-    used = {e["basis_key"] for e in layout if e["type"] == SHARED}
+    used = {key for e in layout for key in MODULE_TYPES[e["type"]].registry_shapes(e)}
     unused = sorted(set(registry or {}) - used)
     if unused:
         raise CompressedModelError(
@@ -386,12 +381,12 @@ def layout_problems(layout: Any, family: FamilyAdapter) -> list[str]:
         if where in seen:
             problems.append(f"layout[{i}]: layer {where[0]} kind '{where[1]}' appears twice")
         seen.add(where)
-        if entry["type"] == SHARED:
-            shape = bases.setdefault(entry["basis_key"], (entry["d_in"], entry["rank"]))
-            if shape != (entry["d_in"], entry["rank"]):
+        for key, here in MODULE_TYPES[entry["type"]].registry_shapes(entry).items():
+            shape = bases.setdefault(key, here)
+            if shape != here:
                 problems.append(
-                    f"layout[{i}]: basis '{entry['basis_key']}' has (d_in, rank) "
-                    f"{(entry['d_in'], entry['rank'])} here but {shape} in an earlier entry"
+                    f"layout[{i}]: basis '{key}' has (d_in, rank) {here} here but {shape} in an "
+                    "earlier entry"
                 )
     return problems[:20]
 
@@ -402,24 +397,17 @@ def _entry_problems(entry: Any, family: FamilyAdapter) -> list[str]:
     missing = [k for k in ENTRY_KEYS if k not in entry]
     if missing:
         return [f"lacks the key(s) {missing}"]
+    module_type = entry["type"]
+    if not (isinstance(module_type, str) and module_type in MODULE_TYPES):
+        known = ", ".join(f"'{name}'" for name in sorted(MODULE_TYPES))
+        return [f"'type' must be one of {known}, got {module_type!r}"]
     problems = []
-    for key, minimum in (("layer", 0), ("rank", 1), ("d_in", 1), ("d_out", 1)):
-        value = entry[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            problems.append(f"'{key}' must be an integer >= {minimum}, got {value!r}")
+    layer = entry["layer"]
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+        problems.append(f"'layer' must be an integer >= 0, got {layer!r}")
     if entry["kind"] not in family.kinds:
         problems.append(f"unknown kind {entry['kind']!r} for family {family.name} {family.kinds}")
-    if not isinstance(entry["bias"], bool):
-        problems.append(f"'bias' must be true or false, got {entry['bias']!r}")
-    if entry["type"] == SHARED:
-        if not (isinstance(entry["basis_key"], str) and entry["basis_key"]):
-            problems.append(f"a shared entry needs a basis_key, got {entry['basis_key']!r}")
-    elif entry["type"] == LOWRANK:
-        if entry["basis_key"] is not None:
-            problems.append(f"a lowrank entry has no basis_key, got {entry['basis_key']!r}")
-    else:
-        problems.append(f"'type' must be '{LOWRANK}' or '{SHARED}', got {entry['type']!r}")
-    return problems
+    return problems + MODULE_TYPES[module_type].entry_problems(entry)
 
 
 def verify_weights(path: Path, manifest: dict[str, Any]) -> None:
@@ -471,22 +459,10 @@ def build_skeleton(config, family: FamilyAdapter, layout: list[dict[str, Any]]) 
                 f"{MANIFEST} lists layer {entry['layer']} but the model in config.json has "
                 f"{len(layers)} decoder layers."
             )
-        family.set_module(layers[entry["layer"]], entry["kind"], _meta_module(model, entry))
+        # The entry's type rebuilds it, empty on the meta device; the weights come later.
+        module = MODULE_TYPES[entry["type"]].from_layout(entry, model)
+        family.set_module(layers[entry["layer"]], entry["kind"], module)
     return model
-
-
-def _meta_module(model: nn.Module, entry: dict[str, Any]) -> nn.Module:
-    """An empty LowRankLinear / SharedBasisLinear of the entry's shapes (weights come later)."""
-    meta = torch.device("meta")
-    d_in, rank, d_out = entry["d_in"], entry["rank"], entry["d_out"]
-    coefficient = nn.Linear(rank, d_out, bias=entry["bias"], device=meta)
-    if entry["type"] == LOWRANK:
-        return LowRankLinear(nn.Linear(d_in, rank, bias=False, device=meta), coefficient)
-    registry = shared_bases(model)
-    key = entry["basis_key"]
-    if key not in registry:
-        registry[key] = nn.Linear(d_in, rank, bias=False, device=meta)
-    return SharedBasisLinear(registry, key, coefficient)
 
 
 def _read_weights(

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from basis_sharing.errors import unknown_choice
+from basis_sharing.modules.surgery import replace_leaf
 
 # The activations a projection can read. Projections reading the same one share calibration
 # statistics (q/k/v read the attention input, up/gate the MLP input).
@@ -81,9 +82,7 @@ class FamilyAdapter:
 
     def set_module(self, layer: nn.Module, kind: str, new: nn.Module) -> None:
         """Replace the projection leaf ``kind`` of ``layer`` by ``new`` (surgery at the leaf)."""
-        parent_path, _, attr = self.projection(kind).path.rpartition(".")
-        parent = _get_path(layer, parent_path) if parent_path else layer
-        setattr(parent, attr, new)
+        replace_leaf(layer, self.projection(kind).path, new)
 
     def weight(self, layer: nn.Module, kind: str) -> torch.Tensor:
         """W of shape (d_in, d_out) for y = x W, as a view of the stored weight."""
