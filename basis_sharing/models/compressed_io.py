@@ -36,7 +36,7 @@ from basis_sharing.models.families import FAMILIES, FamilyAdapter, get_family
 from basis_sharing.models.integrity import MANIFEST, WEIGHTS, CompressedModelError
 from basis_sharing.models.loading import torch_dtype
 from basis_sharing.modules import MODULE_TYPES, SHARED_BASES, LayoutError, is_compressed
-from basis_sharing.tracking.environment import package_versions
+from basis_sharing.provenance import package_versions
 
 log = logging.getLogger(__name__)
 
