@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from basis_sharing.models.families import FamilyAdapter
+# dense_projection_weights lives with the family adapter (the methods below this layer need it);
+# re-exported here with the rest of the accounting.
+from basis_sharing.models.families import FamilyAdapter, dense_projection_weights  # noqa: F401
 from basis_sharing.modules import SHARED_BASES, count_kept
 
 
@@ -34,16 +36,6 @@ def count_projection_weights(model: nn.Module, family: FamilyAdapter) -> int:
     """
     seen: set[int] = set()
     return sum(count_kept(module, seen) for module in projection_modules(model, family))
-
-
-def dense_projection_weights(model: nn.Module, family: FamilyAdapter) -> int:
-    """What the projections hold uncompressed: sum of d_in * d_out (from their shapes)."""
-    total = 0
-    for layer in family.layers(model):
-        for kind in family.kinds:
-            d_in, d_out = family.shape(layer, kind)
-            total += d_in * d_out
-    return total
 
 
 def parameter_report(model: nn.Module, family: FamilyAdapter, dense_projections: int) -> dict:

@@ -24,12 +24,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from basis_sharing.errors import ConfigError
-from basis_sharing.evaluation.perplexity import window_nlls
 from basis_sharing.methods.factorized import FactorizedMethod
 from basis_sharing.methods.plan import GroupPlan
 from basis_sharing.methods.registry import CompressionContext, register_method
 from basis_sharing.models.families import FamilyAdapter
 from basis_sharing.modules import LowRankLinear, basis_linear, coefficient_linear
+from basis_sharing.runtime.windows import window_nlls
 
 log = logging.getLogger(__name__)
 

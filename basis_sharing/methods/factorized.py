@@ -22,11 +22,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from basis_sharing.errors import ConfigError
-from basis_sharing.evaluation.params import dense_projection_weights
 from basis_sharing.linalg.factorization import SharedDecomposition, decompose_shared
 from basis_sharing.methods.plan import GroupPlan, plan_groups, planned_params
 from basis_sharing.methods.registry import CompressionContext, CompressionMethod
-from basis_sharing.models.families import FamilyAdapter
+from basis_sharing.models.families import FamilyAdapter, dense_projection_weights
 from basis_sharing.modules import install_factors
 
 log = logging.getLogger(__name__)
