@@ -4,11 +4,19 @@ import hydra
 
 import basis_sharing.config  # noqa: F401  (registers the config schemas)
 from basis_sharing import pipeline
+from basis_sharing.methods.caches import SweepCaches
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg) -> None:
-    pipeline.main(cfg)
+def main() -> None:
+    # The owner of the sweep's caches: this process. Hydra's basic launcher runs every job of a
+    # -m sweep in it, one call of `job` each, so they all see this one object.
+    caches = SweepCaches()
+
+    @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+    def job(cfg) -> None:
+        pipeline.main(cfg, caches)
+
+    job()
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from basis_sharing.evaluation.zeroshot import (
 )
 from basis_sharing.files import directory_lock
 from basis_sharing.methods import get_method
+from basis_sharing.methods.caches import SweepCaches
 from basis_sharing.methods.registry import CompressionContext, CompressionMethod
 from basis_sharing.models.compressed_io import (
     check_target,
@@ -306,8 +307,11 @@ def calibrate(
     return stats, run_key
 
 
-def execute(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
-    """The stages after validation; every result lands in ``record``."""
+def execute(cfg: DictConfig, plan: Plan, record: RunRecord, caches: SweepCaches) -> None:
+    """The stages after validation; every result lands in ``record``.
+
+    ``caches`` holds what the method may reuse from earlier jobs of the same sweep.
+    """
     with record.stage("data"):
         evals, calib = load_corpora(cfg, plan)
         record["data"]["eval"] = {n: c.provenance() for n, c in evals.items()}
@@ -357,6 +361,7 @@ def execute(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
         device=plan.device,
         calibration_ids=calib_ids,
         calib_batch_size=cfg.model.calib_batch_size,
+        caches=caches,
     )
     if plan.method.needs_calibration:
         with record.stage("calibrate", plan.device):
@@ -527,8 +532,16 @@ def hydra_context() -> dict[str, Any]:
     }
 
 
-def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run one job and return its record (also written to ``<out_dir>/results.json``)."""
+def run(
+    cfg: DictConfig, out_dir: str | Path | None = None, caches: SweepCaches | None = None
+) -> dict[str, Any]:
+    """Run one job and return its record (also written to ``<out_dir>/results.json``).
+
+    Args:
+        caches: what the jobs of one sweep share (decompositions, ASVD's sensitivities); the
+            caller owns it and passes the same object to every job. None: a fresh one that lives
+            for this job only.
+    """
     hydra = hydra_context()
     out_dir = Path(out_dir or hydra.get("out_dir") or ".")
     plan = validate(cfg)
@@ -555,7 +568,8 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
         record["environment"]["threads"] = threads
         record.write()
         with tracker.track(record):  # mirrors every record write; closes the tracker's run
-            execute_recorded(cfg, plan, record)
+            job_caches = caches if caches is not None else SweepCaches()
+            execute_recorded(cfg, plan, record, job_caches)
     log.info("Run summary (%s)\n%s", record.path, summary_table(record.data))
     return record.data
 
@@ -589,10 +603,10 @@ def new_record(
     return record
 
 
-def execute_recorded(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
+def execute_recorded(cfg: DictConfig, plan: Plan, record: RunRecord, caches: SweepCaches) -> None:
     """``execute``, ending the record as completed or failed (with the error) either way."""
     try:
-        execute(cfg, plan, record)
+        execute(cfg, plan, record, caches)
     except BaseException as exc:
         record.fail(exc)
         if record.path != record.final_path:
@@ -606,10 +620,10 @@ def execute_recorded(cfg: DictConfig, plan: Plan, record: RunRecord) -> None:
     record.finish()
 
 
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig, caches: SweepCaches | None = None) -> None:
     """Hydra entry: user errors end the process with their message instead of a traceback."""
     try:
-        run(cfg)
+        run(cfg, caches=caches)
     except UserError as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None

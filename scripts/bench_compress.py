@@ -10,8 +10,8 @@ Two measurements, in one process, through ``basis_sharing.pipeline.run`` (no sub
    ``pipeline.run`` per ratio in the same process, which is what Hydra's basic launcher does for
    ``python run.py ratio=0.2,0.3,0.4,0.5 -m``. Jobs 2..n should read the Grams from the disk
    cache (``record["calibration"]["cache_hit"]``) and reuse every ratio-independent whitened SVD
-   from ``DECOMPOSITIONS``; the report says how much time that saves against n single runs and
-   which stages shrank.
+   from the sweep's ``SweepCaches`` (one object passed to every job); the report says how much
+   time that saves against n single runs and which stages shrank.
 
 Two ratios come out: ``sweep / (n x single)`` compares with n separate ``python run.py``
 processes (the single run comes first, so it also pays the process's first-use costs: lazy
@@ -63,7 +63,7 @@ from omegaconf import DictConfig  # noqa: E402
 import basis_sharing.config  # noqa: E402,F401  (registers the config schemas)
 from basis_sharing import pipeline  # noqa: E402
 from basis_sharing.errors import UserError  # noqa: E402
-from basis_sharing.methods.basis_sharing import DECOMPOSITIONS  # noqa: E402
+from basis_sharing.methods.caches import SweepCaches  # noqa: E402
 from basis_sharing.models.loading import resolve_source  # noqa: E402
 
 CONF_DIR = REPO_ROOT / "conf"
@@ -194,19 +194,20 @@ def prepare_model_cache(args: argparse.Namespace, work: Path) -> Path:
     return model_cache
 
 
-def timed_run(cfg: DictConfig, out_dir: Path) -> JobResult:
+def timed_run(cfg: DictConfig, out_dir: Path, caches: SweepCaches) -> JobResult:
     """One ``pipeline.run`` call, timed as a whole, with the decomposition-cache deltas."""
-    hits, misses = DECOMPOSITIONS.hits, DECOMPOSITIONS.misses
+    decompositions = caches.decompositions
+    hits, misses = decompositions.hits, decompositions.misses
     start = time.perf_counter()
-    record = pipeline.run(cfg, out_dir=out_dir)
+    record = pipeline.run(cfg, out_dir=out_dir, caches=caches)
     total = time.perf_counter() - start
     return JobResult(
         ratio=float(cfg.ratio),
         total_s=round(total, 4),
         stages=record["stages"],
         stats_cache_hit=(record.get("calibration") or {}).get("cache_hit"),
-        decomposition_hits=DECOMPOSITIONS.hits - hits,
-        decomposition_misses=DECOMPOSITIONS.misses - misses,
+        decomposition_hits=decompositions.hits - hits,
+        decomposition_misses=decompositions.misses - misses,
         status=record["status"],
     )
 
@@ -214,9 +215,8 @@ def timed_run(cfg: DictConfig, out_dir: Path) -> JobResult:
 def single_run(args: argparse.Namespace, work: Path, model_cache: Path) -> JobResult:
     cache = fresh_cache(work, "cache_single", model_cache)
     cfg = compose_config(run_overrides(args, args.ratios[0], cache, work / "outputs"))
-    DECOMPOSITIONS.clear()
     log.info("Single run: ratio %s, cold statistics cache %s", args.ratios[0], cache)
-    return timed_run(cfg, work / "single")
+    return timed_run(cfg, work / "single", SweepCaches())  # empty: its own decompositions
 
 
 def sweep(args: argparse.Namespace, work: Path, model_cache: Path) -> tuple[float, list[JobResult]]:
@@ -225,12 +225,12 @@ def sweep(args: argparse.Namespace, work: Path, model_cache: Path) -> tuple[floa
     configs = [
         compose_config(run_overrides(args, ratio, cache, work / "outputs")) for ratio in args.ratios
     ]
-    DECOMPOSITIONS.clear()
+    caches = SweepCaches()  # the sweep's owner, as run.py's process is for a -m sweep
     jobs: list[JobResult] = []
     start = time.perf_counter()
     for i, cfg in enumerate(configs):
         log.info("Sweep job %d/%d: ratio %s", i + 1, len(configs), cfg.ratio)
-        jobs.append(timed_run(cfg, work / "sweep" / f"ratio={cfg.ratio}"))
+        jobs.append(timed_run(cfg, work / "sweep" / f"ratio={cfg.ratio}", caches))
     return round(time.perf_counter() - start, 4), jobs
 
 

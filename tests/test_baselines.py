@@ -14,6 +14,7 @@ from basis_sharing.config import ASVDMethodConfig, FWSVDMethodConfig, SVDMethodC
 from basis_sharing.errors import ConfigError
 from basis_sharing.evaluation.params import count_projection_weights
 from basis_sharing.methods.asvd import ASVD, choose_threshold, kept_rank
+from basis_sharing.methods.caches import SweepCaches
 from basis_sharing.methods.fwsvd import FWSVD
 from basis_sharing.methods.registry import CompressionContext
 from basis_sharing.methods.svd import SVD
@@ -189,7 +190,7 @@ def test_asvd_sensitivity_is_measured_once_per_sweep(monkeypatch):
     monkeypatch.setattr(
         asvd.ASVD, "sensitivity", lambda self, *a: calls.append(1) or original(self, *a)
     )
-    monkeypatch.setattr(asvd, "SENSITIVITY", {})
+    caches = SweepCaches()  # this test owns them, as run.py's process does for a -m sweep
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(4))
     ranks = []
     for ratio in (0.3, 0.5):
@@ -197,6 +198,8 @@ def test_asvd_sensitivity_is_measured_once_per_sweep(monkeypatch):
         c = ctx(ratio, scale=fake_scales(model, family))
         c.calibration_ids, c.calib_batch_size = ids, 2
         c.extras["cache_key"] = "sweep"
+        c.caches = caches
         info = build(ASVD, ASVDMethodConfig, sensitivity_samples=2).compress(model, family, c)
         ranks.append(info["planned_params"]["kept"])
     assert len(calls) == 1 and ranks[1] < ranks[0]
+    assert len(caches.sensitivity) == 1  # one table for the calibration setup, in its owner

@@ -15,7 +15,8 @@ from basis_sharing.errors import ConfigError
 from basis_sharing.evaluation.params import count_projection_weights, dense_projection_weights
 from basis_sharing.linalg.factorization import decompose_shared
 from basis_sharing.linalg.whitening import whitening_factor
-from basis_sharing.methods.basis_sharing import DECOMPOSITIONS, SVDLLM, BasisSharing
+from basis_sharing.methods.basis_sharing import SVDLLM, BasisSharing
+from basis_sharing.methods.caches import SweepCaches
 from basis_sharing.methods.plan import layer_groups, resolve_kinds
 from basis_sharing.models.families import family_for_model_type, get_family
 from basis_sharing.modules import LowRankLinear, SharedBasisLinear
@@ -141,21 +142,32 @@ def test_dead_neurons_whiten_without_nan():
 
 
 def test_sweep_reuses_the_decompositions():
-    DECOMPOSITIONS.clear()  # entries only: the counters are cumulative
+    caches = SweepCaches()  # this test owns them, as run.py's process does for a -m sweep
+    decompositions = caches.decompositions
     model, family, stats = setup("llama")
-    misses0, hits0 = DECOMPOSITIONS.misses, DECOMPOSITIONS.hits
-    method().compress(model, family, _ctx(stats, key="k1"))
-    first = DECOMPOSITIONS.misses - misses0
+    method().compress(model, family, _ctx(stats, key="k1", caches=caches))
+    first = decompositions.misses
     # The tiny LLaMA's k/v are 64 -> 32 (GQA): private by default, so q/up/gate share in pairs.
-    assert first == 3 * 2 + 4 * 4 and DECOMPOSITIONS.hits == hits0  # 22 groups, all computed
+    assert first == 3 * 2 + 4 * 4 and decompositions.hits == 0  # 22 groups, all computed
+    assert len(decompositions) == first
     again = make_tiny_model("llama", dtype=torch.float64)
     ref = make_tiny_model("llama", dtype=torch.float64)
-    method().compress(again, family, _ctx(stats, ratio=0.4, key="k1"))
-    assert DECOMPOSITIONS.misses - misses0 == first  # nothing recomputed for the new ratio
-    assert DECOMPOSITIONS.hits - hits0 == first
-    method().compress(ref, family, _ctx(stats, ratio=0.4))  # no key: computed afresh
+    method().compress(again, family, _ctx(stats, ratio=0.4, key="k1", caches=caches))
+    assert decompositions.misses == first  # nothing recomputed for the new ratio
+    assert decompositions.hits == first
+    method().compress(ref, family, _ctx(stats, ratio=0.4, caches=caches))  # no key: computed afresh
+    assert (decompositions.misses, decompositions.hits) == (first, first)
     probe = torch.randint(0, 320, (1, 12))
     torch.testing.assert_close(logits(again, probe), logits(ref, probe), rtol=0, atol=1e-12)
+    # Another owner starts empty: nothing is shared through the module.
+    other = SweepCaches()
+    method().compress(
+        make_tiny_model("llama", dtype=torch.float64),
+        family,
+        _ctx(stats, ratio=0.4, key="k1", caches=other),
+    )
+    assert (other.decompositions.misses, other.decompositions.hits) == (first, 0)
+    assert (decompositions.misses, decompositions.hits) == (first, first)
 
 
 def test_kinds_and_groups_follow_the_config():
@@ -179,10 +191,10 @@ def test_remainder_group_keeps_the_nominal_rank_unless_asked():
     assert [p for p in own if p.kind == "q"][-1].rank == 64 * 64 * 7 // 10 // (64 + 64)
 
 
-def _ctx(stats, ratio: float = 0.3, key: str | None = None):
+def _ctx(stats, ratio: float = 0.3, key: str | None = None, caches: SweepCaches | None = None):
     from basis_sharing.methods.registry import CompressionContext
 
-    ctx = CompressionContext(ratio=ratio, device=CPU, stats={"gram": stats})
+    ctx = CompressionContext(ratio=ratio, device=CPU, stats={"gram": stats}, caches=caches)
     if key is not None:
         ctx.extras["cache_key"] = key
     return ctx

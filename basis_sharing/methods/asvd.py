@@ -81,9 +81,6 @@ def choose_threshold(
     return allocation(thresholds[lo])
 
 
-SENSITIVITY: dict[tuple, dict[tuple[int, str], dict[float, float]]] = {}
-
-
 @register_method("asvd")
 class ASVD(FactorizedMethod):
     stats_needed = frozenset({"scale"})
@@ -158,23 +155,24 @@ class ASVD(FactorizedMethod):
         return info
 
     def cached_sensitivity(self, model, family, shapes, ctx):
-        """The sensitivity table, measured once per process for a calibration setup.
+        """The sensitivity table, measured once per sweep for a calibration setup.
 
-        It does not depend on the target ratio, so the jobs of a ratio sweep share it.
+        It does not depend on the target ratio, so the jobs of a ratio sweep share it through
+        the sweep's caches (``ctx.caches``) when the run has them and a statistics key.
         """
         run_key = ctx.extras.get("cache_key")
+        if run_key is None or ctx.caches is None:
+            return self.sensitivity(model, family, shapes, ctx)
         key = (
             run_key,
             *self.cache_tag(),
             tuple(self.cfg.candidate_ratios),
             self.cfg.sensitivity_samples,
         )
-        if run_key is None or key not in SENSITIVITY:
-            table = self.sensitivity(model, family, shapes, ctx)
-            if run_key is None:
-                return table
-            SENSITIVITY[key] = table
-        return SENSITIVITY[key]
+        tables = ctx.caches.sensitivity
+        if key not in tables:
+            tables[key] = self.sensitivity(model, family, shapes, ctx)
+        return tables[key]
 
     def sensitivity(self, model, family, shapes, ctx) -> dict[tuple[int, str], dict[float, float]]:
         """Calibration perplexity with one projection compressed at each candidate ratio."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from basis_sharing.errors import ConfigError
 from basis_sharing.linalg.whitening import whitening_factor
-from basis_sharing.methods.factorized import DECOMPOSITIONS, FactorizedMethod  # noqa: F401
+from basis_sharing.methods.factorized import FactorizedMethod
 from basis_sharing.methods.plan import GroupPlan, narrow_kinds, resolve_kinds
 from basis_sharing.methods.registry import CompressionContext, register_method
 from basis_sharing.methods.update import refit_sequential, refit_single_pass

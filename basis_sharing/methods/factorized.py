@@ -13,8 +13,6 @@ plan, and an optional refit (``update``).
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -29,41 +27,6 @@ from basis_sharing.models.families import FamilyAdapter, dense_projection_weight
 from basis_sharing.modules import install_factors
 
 log = logging.getLogger(__name__)
-
-
-class DecompositionCache:
-    """Ratio-independent SVDs kept in memory (on the CPU) across the jobs of one process.
-
-    A ratio sweep run by Hydra's basic launcher shares the process, so each group is scaled and
-    decomposed once and only truncated per ratio. Least recently used entries are dropped beyond
-    the budget.
-    """
-
-    def __init__(self) -> None:
-        self._entries: OrderedDict[tuple, SharedDecomposition] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(
-        self, key: tuple, compute: Callable[[], SharedDecomposition], budget_mb: float
-    ) -> SharedDecomposition:
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return self._entries[key]
-        self.misses += 1
-        value = compute()
-        if budget_mb > 0:
-            self._entries[key] = value.to("cpu")
-            while sum(v.nbytes() for v in self._entries.values()) > budget_mb * 2**20:
-                self._entries.popitem(last=False)
-        return value
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-
-DECOMPOSITIONS = DecompositionCache()
 
 
 class FactorizedMethod(CompressionMethod):
@@ -164,7 +127,7 @@ class FactorizedMethod(CompressionMethod):
         }
 
     def decomposition(self, layers, family, plan: GroupPlan, ctx: CompressionContext):
-        """The group's SVD; reused from the in-process cache when the run is keyed."""
+        """The group's SVD; reused from the sweep's caches when the run has them and a key."""
         device = ctx.device
 
         def compute() -> SharedDecomposition:
@@ -173,11 +136,11 @@ class FactorizedMethod(CompressionMethod):
             return decompose_shared(weights, S, shift)
 
         run_key = ctx.extras.get("cache_key")
-        if run_key is None:
+        if run_key is None or ctx.caches is None:
             return compute()
         key = (run_key, self.name, self.cache_tag(), plan.kind, plan.layers)
         budget = self.cfg.get("decomposition_cache_mb", 0)
-        return DECOMPOSITIONS.get(key, compute, budget).to(device)
+        return ctx.caches.decompositions.get(key, compute, budget).to(device)
 
 
 def install(model, layers, family, plan: GroupPlan, basis, coefficients) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from basis_sharing.errors import unknown_choice
+from basis_sharing.methods.caches import SweepCaches
 from basis_sharing.models.families import FamilyAdapter
 
 
@@ -28,6 +29,8 @@ class CompressionContext:
     stats: Any = None  # calibration statistics (GramStats) when the method needs them
     calib_batch_size: int = 1
     extras: dict[str, Any] = field(default_factory=dict)
+    # Reused across the jobs of a sweep (owned by whoever runs the jobs); None: compute afresh.
+    caches: SweepCaches | None = None
 
 
 class CompressionMethod:
