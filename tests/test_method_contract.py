@@ -1,0 +1,55 @@
+"""The contract every registered compressing method keeps, checked on a tiny model.
+
+Planned parameters equal counted ones, the achieved ratio is within the tolerance, the rank plan
+checked before loading predicts it exactly (where the plan needs only shapes), and the saved model
+loads to the very same perplexities. A newly registered method is picked up here without edits.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import compose_config, tiny_run_overrides
+
+import basis_sharing.methods  # noqa: F401  (registers every method)
+from basis_sharing import pipeline
+from basis_sharing.methods.registry import METHODS
+
+RATIO, TOLERANCE = 0.3, 0.05  # rank rounding on 64-wide matrices needs the wider tolerance
+COMPRESSING = sorted(name for name, cls in METHODS.items() if cls.compresses)
+EXTRA = {"asvd": ["method.sensitivity_samples=1", "method.candidate_ratios=[0.5,0.8]"]}
+
+
+def test_every_compressing_method_is_covered():
+    assert {"svd", "fwsvd", "asvd", "svd_llm", "basis_sharing"} <= set(COMPRESSING)
+    assert "dense" not in COMPRESSING and "none" not in COMPRESSING
+
+
+@pytest.mark.parametrize("method", COMPRESSING)
+def test_method_contract(method, tiny_model_dir, tiny_mirror, tmp_path):
+    common = tiny_run_overrides(
+        tiny_model_dir,
+        tiny_mirror,
+        f"paths.cache_dir={tmp_path}/cache",
+        "eval.ppl_datasets=[wikitext2]",
+        "calibration=wikitext2_cpu",
+        "calibration.n_samples=4",
+        "calibration.seq_len=32",
+        f"ratio={RATIO}",
+        f"ratio_tolerance={TOLERANCE}",
+    )
+    common = [o for o in common if o != "method=dense"]
+    cfg = compose_config(*common, f"method={method}", "save_model=true", *EXTRA.get(method, []))
+    saved = pipeline.run(cfg, out_dir=tmp_path / "save")
+    params = saved["params"]
+    assert params["planned_decoder_projections"] == params["decoder_projections"]
+    assert abs(params["achieved_ratio"] - RATIO) <= TOLERANCE
+    if "predicted_ratio" in saved["preflight"]:  # ASVD's sensitivity plan needs data
+        assert saved["preflight"]["predicted_ratio"] == params["achieved_ratio"]
+    else:
+        assert method == "asvd"
+    loaded = pipeline.run(
+        compose_config(*common, "method=none", f"load_model={saved['saved_model']}"),
+        out_dir=tmp_path / "load",
+    )
+    assert loaded["params"]["decoder_projections"] == params["decoder_projections"]
+    assert loaded["metrics"]["perplexity"] == saved["metrics"]["perplexity"]
