@@ -6,6 +6,8 @@ without a stack trace; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
+
 
 class UserError(Exception):
     """Bad input or a missing resource: the message tells the user how to fix it."""
@@ -32,6 +34,10 @@ class BadDataError(UserError):
 
 
 def unknown_choice(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> ConfigError:
-    """Build the standard "unknown X" error that lists every valid choice."""
+    """Build the standard "unknown X" error: every valid choice, and the nearest one to a typo."""
     choices = ", ".join(sorted(valid))
-    return ConfigError(f"Unknown {kind} '{name}'. Valid choices: {choices}.")
+    message = f"Unknown {kind} '{name}'. Valid choices: {choices}."
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
+    if close:
+        message += f" Did you mean '{close[0]}'?"
+    return ConfigError(message)
