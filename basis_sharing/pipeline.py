@@ -275,9 +275,7 @@ def calibrate(
     sample count, length and seed), the statistic and the Gram accumulation dtype. Returns the
     statistics by name and a key of the whole calibration setup (for reusing decompositions).
     """
-    gram_dtype = cfg.calibration.gram_dtype
-    if gram_dtype not in ("float32", "float64"):
-        raise ConfigError(f"calibration.gram_dtype={gram_dtype!r}: use float32 or float64.")
+    gram_dtype = cfg.calibration.gram_dtype  # checked by preflight.check_calibration
     identity = model_identity(record["model"])
     cache_dir = Path(cfg.paths.cache_dir).expanduser()
     calibration_hash = record["hashes"]["calibration"]

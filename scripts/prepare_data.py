@@ -60,6 +60,7 @@ from basis_sharing.data.corpora import (  # noqa: E402
     load_hub_rows,
 )
 from basis_sharing.errors import HubUnreachableError  # noqa: E402
+from basis_sharing.files import new_file_mode  # noqa: E402
 from basis_sharing.hashing import file_sha256  # noqa: E402
 from basis_sharing.hub import hub_available  # noqa: E402
 
@@ -295,13 +296,6 @@ def plan_files(datasets: Iterable[str], c4_train: bool = False) -> list[MirrorFi
 # ---------------------------------------------------------------------------------------------
 
 
-def _file_mode() -> int:
-    """Permissions of a newly created file under the current umask (mkstemp would give 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def write_atomic(dest: Path, content: Content) -> None:
     """Write bytes, or copy a file, to ``dest`` so that it is either complete or absent.
 
@@ -319,7 +313,7 @@ def write_atomic(dest: Path, content: Content) -> None:
                 out.write(content)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, _file_mode())
+        os.chmod(tmp, new_file_mode())  # mkstemp would give 0600
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)

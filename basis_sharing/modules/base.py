@@ -163,3 +163,37 @@ def count_kept(module: nn.Module, seen: set[int]) -> int:
         return module.kept_parameters(seen)
     weights = [p for n, p in module.named_parameters() if n.rsplit(".", 1)[-1] != "bias"]
     return count_new(weights, seen)
+
+
+class TwoFactorLinear(CompressedLinear):
+    """y = coefficient(basis(x)): a basis (d_in -> k) and a per-layer coefficient (k -> d_out).
+
+    Subclasses say where ``basis`` lives (a child of their own, or a registry entry shared by a
+    group) and how their layout entry describes it; the shape, the weights and the product are
+    the same for both.
+    """
+
+    basis: nn.Module
+    coefficient: nn.Linear
+
+    @property
+    def rank(self) -> int:
+        return self.coefficient.in_features
+
+    @property
+    def d_in(self) -> int:
+        return self.basis.in_features
+
+    @property
+    def d_out(self) -> int:
+        return self.coefficient.out_features
+
+    @property
+    def has_bias(self) -> bool:
+        return self.coefficient.bias is not None
+
+    def factor_weights(self) -> list[torch.Tensor]:
+        return [self.basis.weight, self.coefficient.weight]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.coefficient(self.basis(x))

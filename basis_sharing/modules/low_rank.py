@@ -7,13 +7,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from basis_sharing.modules.base import CompressedLinear
+from basis_sharing.modules.base import CompressedLinear, TwoFactorLinear
 from basis_sharing.modules.factors import meta_linear
 from basis_sharing.modules.registry import register_module_type
 
 
 @register_module_type
-class LowRankLinear(CompressedLinear):
+class LowRankLinear(TwoFactorLinear):
     """y = coefficient(basis(x)): basis is nn.Linear(d_in -> k), coefficient nn.Linear(k -> d_out).
 
     Kept weights: k (d_in + d_out). Its layout entry has ``basis_key`` null.
@@ -26,28 +26,6 @@ class LowRankLinear(CompressedLinear):
         super().__init__()
         self.basis = basis
         self.coefficient = coefficient
-
-    @property
-    def rank(self) -> int:
-        return self.basis.out_features
-
-    @property
-    def d_in(self) -> int:
-        return self.basis.in_features
-
-    @property
-    def d_out(self) -> int:
-        return self.coefficient.out_features
-
-    @property
-    def has_bias(self) -> bool:
-        return self.coefficient.bias is not None
-
-    def factor_weights(self) -> list[torch.Tensor]:
-        return [self.basis.weight, self.coefficient.weight]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.coefficient(self.basis(x))
 
     def layout_entry(self, layer: int, kind: str, root: nn.Module) -> dict[str, Any]:
         return {**super().layout_entry(layer, kind, root), "basis_key": None}

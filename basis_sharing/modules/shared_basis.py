@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from basis_sharing.modules.base import CompressedLinear, LayoutError
+from basis_sharing.modules.base import CompressedLinear, LayoutError, TwoFactorLinear
 from basis_sharing.modules.factors import meta_linear
 from basis_sharing.modules.registry import register_module_type
 
@@ -30,7 +30,7 @@ def shared_bases(model: nn.Module) -> nn.ModuleDict:
 
 
 @register_module_type
-class SharedBasisLinear(CompressedLinear):
+class SharedBasisLinear(TwoFactorLinear):
     """y = coefficient(B(x)) with B = ``registry[basis_key]`` shared by the whole group.
 
     Only the coefficient is registered here. Kept weights: k d_out for the member, plus d_in k
@@ -49,28 +49,6 @@ class SharedBasisLinear(CompressedLinear):
     @property
     def basis(self) -> nn.Module:
         return self._registry[self.basis_key]
-
-    @property
-    def rank(self) -> int:
-        return self.coefficient.in_features
-
-    @property
-    def d_in(self) -> int:
-        return self.basis.in_features
-
-    @property
-    def d_out(self) -> int:
-        return self.coefficient.out_features
-
-    @property
-    def has_bias(self) -> bool:
-        return self.coefficient.bias is not None
-
-    def factor_weights(self) -> list[torch.Tensor]:
-        return [self.basis.weight, self.coefficient.weight]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.coefficient(self._registry[self.basis_key](x))
 
     def extra_repr(self) -> str:
         return f"basis={SHARED_BASES}[{self.basis_key!r}]"
