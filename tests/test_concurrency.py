@@ -19,6 +19,7 @@ from basis_sharing import pipeline
 from basis_sharing.errors import UserError
 from basis_sharing.files import DirectoryInUseError, directory_lock, exclusive_lock
 from basis_sharing.models import gguf_cache
+from basis_sharing.tracking import record as record_module
 from basis_sharing.tracking.record import PENDING_FILE, PREVIOUS_FILE
 
 
@@ -195,8 +196,12 @@ def test_a_failed_forced_rerun_keeps_the_completed_record(
 
 
 def test_resume_recomputes_a_run_that_saved_no_model_when_asked_to_save(
-    tiny_model_dir, tiny_mirror, tmp_path
+    tiny_model_dir, tiny_mirror, tmp_path, monkeypatch
 ):
+    # started_at has one-second resolution and a tiny run takes less: number the starts so a
+    # recomputed record is told from a resumed one by its start, not by the wall clock
+    starts = iter(f"2026-01-01T00:00:{n:02d}+00:00" for n in range(60))
+    monkeypatch.setattr(record_module, "_now", lambda: next(starts))
     out = tmp_path / "job"
     first = pipeline.run(compose_dense(tiny_model_dir, tiny_mirror, tmp_path), out_dir=out)
     skipped = pipeline.run(compose_dense(tiny_model_dir, tiny_mirror, tmp_path), out_dir=out)
