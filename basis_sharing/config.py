@@ -262,6 +262,24 @@ OPTION_SCHEMAS: dict[str, dict[str, type]] = {
 }
 
 
+_REGISTERED = False  # set once register_configs has filled the ConfigStore
+
+
+def register_option_schema(group: str, option: str, schema: type) -> None:
+    """Declare the schema of one option of a group whose options differ (method, runtime, ...).
+
+    The module that implements the option calls this when it is imported (a method file does so
+    through ``register_method``), so the schema is written once, next to the code that reads it,
+    and this module never imports upwards. ``register_configs`` puts it in Hydra's ConfigStore.
+    """
+    options = OPTION_SCHEMAS.setdefault(group, {})
+    if options.get(option, schema) is not schema:
+        raise ValueError(f"schema for {group}={option} registered twice")
+    options[option] = schema
+    if _REGISTERED:
+        ConfigStore.instance().store(group=f"schema/{group}", name=option, node=schema)
+
+
 def check_schema(cfg: DictConfig) -> None:
     """Re-check a composed config against the schemas.
 
@@ -310,6 +328,8 @@ def run_token() -> str:
 
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent)."""
+    global _REGISTERED
+    _REGISTERED = True
     if not OmegaConf.has_resolver("bs_subdir"):
         OmegaConf.register_new_resolver("bs_subdir", job_subdir)
     if not OmegaConf.has_resolver("bs_run_token"):

@@ -37,8 +37,13 @@ class CompressionMethod:
     """Base class: a method compresses a model in place and returns facts for the run record."""
 
     name: ClassVar[str] = ""
+    label: ClassVar[str] = ""  # the row label in the paper-style tables, e.g. "SVD-LLM"
     needs_calibration: ClassVar[bool] = False
     compresses: ClassVar[bool] = True  # False for the dense baseline: no target ratio applies
+    # Calibration statistics the method reads from ``ctx.stats`` ("gram", "scale", "fisher").
+    stats_needed: ClassVar[frozenset[str]] = frozenset()
+    # Whether it can run with runtime=sequential (one decoder block on the device at a time).
+    supports_sequential: ClassVar[bool] = True
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
