@@ -1,104 +1,95 @@
-"""Checks that run before heavy work: from the config alone, then from the model's shapes.
+"""Checks that run before any work, from the config alone (and the paths it names).
 
-``check_settings`` needs nothing but the config (it runs before any data is read).
-``check_shapes`` reads the model's ``config.json`` and builds the model on the meta device (no
-weights are allocated, seconds even for 30B) so that everything the shapes decide is refused before
-the weights are loaded and calibrated: a context longer than the model's positions, projection
-kinds the family does not have, a group size above the layer count, a ratio that leaves a rank of
-0, and an achieved ratio (from the method's rank plan) outside the tolerance.
+``validate`` resolves the run's plan (method, fine-tuner, device) or refuses the config with a
+message that says what to change. Each group's ranges are checked by its schema
+(``config.check_config``), each method's settings by the method (``check_config``); what is left
+here are the names that registries in higher layers own (datasets, families, the saved model,
+calibration sets) and what needs two groups at once. What the model's shapes decide is checked
+later, by the model_source stage, before the weights are read (``stages/checks.py``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
-from basis_sharing.errors import ConfigError, UserError
-from basis_sharing.evaluation.params import dense_projection_weights
-from basis_sharing.methods.plan import planned_params
+from basis_sharing.config import check_config
+from basis_sharing.data.corpora import get_corpus_spec, split_source
+from basis_sharing.errors import ConfigError, unknown_choice
+from basis_sharing.evaluation.perplexity import PPL_SPLITS
+from basis_sharing.finetune.registry import get_finetuner
+from basis_sharing.methods import get_method
 from basis_sharing.methods.registry import CompressionMethod
-from basis_sharing.models.families import FamilyAdapter, family_for_model_type, get_family
-from basis_sharing.models.loading import (
-    ModelSource,
-    check_context_length,
-    check_model_dir,
-    max_positions,
-    meta_model,
-    read_model_config,
-)
-
-GRAM_DTYPES = ("float32", "float64")
+from basis_sharing.models.compressed_io import read_manifest, require_tokenizer
+from basis_sharing.models.families import get_family
+from basis_sharing.models.loading import check_model_dir
+from basis_sharing.stages.state import Plan
 
 
-def check_settings(cfg: DictConfig, method: CompressionMethod) -> None:
-    """Everything about the method, calibration and model source that needs no file but paths."""
-    if cfg.ratio_tolerance < 0:
-        raise ConfigError(f"ratio_tolerance={cfg.ratio_tolerance} must be >= 0.")
-    if method.needs_calibration:
-        check_calibration(cfg.calibration, cfg.model.context_length)
+def validate(cfg: DictConfig) -> Plan:
+    """Check every setting that can be checked without data or weights."""
+    check_config(cfg)
+    method = get_method(cfg.method)
     family = get_family(cfg.model.family) if cfg.model.family else None
     method.check_config(family)
-    if cfg.model.local_path and cfg.load_model is None:
+    for name in cfg.eval.ppl_datasets:
+        if name not in PPL_SPLITS:
+            raise unknown_choice("perplexity dataset (eval.ppl_datasets)", name, list(PPL_SPLITS))
+    if cfg.load_model is not None:
+        check_saved_model(cfg, method)
+    elif cfg.model.local_path:
         check_model_dir(Path(cfg.model.local_path).expanduser(), "model.local_path")
+    if method.needs_calibration:
+        check_calibration_source(cfg)
+    finetuner = get_finetuner(cfg.finetune)
+    return Plan(method=method, device=resolve_device(cfg.device), finetuner=finetuner)
 
 
-def check_calibration(calib: DictConfig, context_length: int) -> None:
-    if calib.gram_dtype not in GRAM_DTYPES:
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"Unknown device '{name}'. Use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} was requested but CUDA is not available here.")
+    return device
+
+
+def check_saved_model(cfg: DictConfig, method: CompressionMethod) -> None:
+    """``load_model``: method=none, a complete saved model, compressed from this ``model``."""
+    if method.compresses:
         raise ConfigError(
-            f"calibration.gram_dtype={calib.gram_dtype!r}: use float32 (the paper) or float64."
+            f"load_model={cfg.load_model} evaluates a saved compressed model; use method=none "
+            f"(not method={cfg.method.name})."
         )
-    if calib.n_samples < 1:
-        raise ConfigError(f"calibration.n_samples={calib.n_samples} must be >= 1.")
-    if calib.seq_len < 2:
-        raise ConfigError(f"calibration.seq_len={calib.seq_len} must be >= 2 tokens.")
+    manifest, _ = read_manifest(Path(cfg.load_model).expanduser())
+    require_tokenizer(Path(cfg.load_model).expanduser(), manifest)
+    saved_from = manifest.get("info", {}).get("model_name")
+    if saved_from is not None and saved_from != cfg.model.name:
+        raise ConfigError(
+            f"load_model={cfg.load_model} was compressed from model={saved_from}; pass "
+            f"model={saved_from} so the evaluation uses that model's settings."
+        )
+
+
+def check_calibration_source(cfg: DictConfig) -> None:
+    """A method that calibrates: a calibration set that exists and fits the context."""
+    calib = cfg.calibration
+    if calib.dataset is None:
+        raise ConfigError(
+            f"method {cfg.method.name} needs calibration data but calibration=none; "
+            "choose e.g. calibration=wikitext2."
+        )
+    context_length = cfg.model.context_length
     if calib.seq_len > context_length:
         raise ConfigError(
             f"calibration.seq_len={calib.seq_len} is longer than model.context_length="
             f"{context_length}. Use calibration.seq_len<={context_length}, or raise "
             "model.context_length if the model supports more positions."
         )
-
-
-def check_shapes(cfg: DictConfig, method: CompressionMethod, source: ModelSource) -> dict[str, Any]:
-    """Checks from the model's config and shapes; returns what they found, for the record."""
-    hf_config = read_model_config(source.path)
-    check_context_length(hf_config, cfg.model.context_length, cfg.model.name)
-    family = model_family(cfg.model.family, hf_config.model_type)
-    method.check_config(family)
-    model = meta_model(hf_config)
-    found: dict[str, Any] = {
-        "family": family.name,
-        "layers": len(family.layers(model)),
-        "max_positions": max_positions(hf_config),
-    }
-    plans = method.shape_plan(model, family, float(cfg.ratio)) if method.compresses else None
-    if plans is not None:
-        dense = dense_projection_weights(model, family)
-        predicted = 1.0 - planned_params(plans, dense)["kept"] / dense
-        found["predicted_ratio"] = predicted
-        check_ratio(predicted, cfg.ratio, cfg.ratio_tolerance, planned=True)
-    return found
-
-
-def model_family(name: str | None, model_type: str) -> FamilyAdapter:
-    return get_family(name) if name else family_for_model_type(model_type)
-
-
-def check_ratio(achieved: float, target: float, tolerance: float, planned: bool = False) -> None:
-    """Refuse a compression whose achieved ratio misses the target by more than ``tolerance``."""
-    if abs(achieved - target) <= tolerance:
-        return
-    what = (
-        "The rank plan (from the model's shapes, before any weight is loaded) compresses"
-        if planned
-        else "Achieved compression of"
-    )
-    raise UserError(
-        f"{what} the decoder projections {'by ' if planned else 'is '}{achieved:.4f}, which misses "
-        f"the target ratio {target} by more than {tolerance * 100:.2f} percentage points "
-        "(ratio_tolerance). Rank rounding on small matrices or a smaller last layer group "
-        "(method.group_size that does not divide the layer count; method.remainder_rank=own "
-        "sizes its rank to its own layers) can cause this."
-    )
+    get_corpus_spec(calib.dataset)
+    split_source(calib.dataset, calib.split)

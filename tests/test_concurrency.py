@@ -19,6 +19,7 @@ from basis_sharing import pipeline
 from basis_sharing.errors import UserError
 from basis_sharing.files import DirectoryInUseError, directory_lock, exclusive_lock
 from basis_sharing.models import gguf_cache
+from basis_sharing.stages import evaluate as evaluate_stages
 from basis_sharing.tracking import record as record_module
 from basis_sharing.tracking.record import PENDING_FILE, PREVIOUS_FILE
 
@@ -180,7 +181,7 @@ def test_a_failed_forced_rerun_keeps_the_completed_record(
     def broken(*_a, **_k):
         raise UserError("evaluation broke")
 
-    monkeypatch.setattr(pipeline, "perplexity", broken)
+    monkeypatch.setattr(evaluate_stages, "perplexity", broken)
     cfg = compose_dense(tiny_model_dir, tiny_mirror, tmp_path, "force=true")
     with pytest.raises(UserError, match="evaluation broke"):
         pipeline.run(cfg, out_dir=out)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 ROOT_MODULE = "__init__"  # the package's own __init__.py: the public facade, at the top
 
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "hashing", "files", "hub", "provenance"),  # leaf utilities: no project imports
+    ("errors", "hashing", "files", "hub", "provenance", "threads"),  # leaf utilities
     ("linalg",),  # pure tensor functions: no model, no config, no Hydra
     ("modules",),  # compressed projection types
     ("config",),  # Hydra schemas: every group's settings (imports Hydra and OmegaConf)
@@ -36,8 +36,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("evaluation",),
     ("tracking",),  # the record: results.json, environment, stores, loggers
     ("tables",),  # built from the record store
-    ("stages",),
-    ("preflight", "threads", "pipeline", ROOT_MODULE),
+    ("stages",),  # one file per stage, over one typed run state
+    ("preflight", "pipeline", ROOT_MODULE),
 ]
 LAYER_OF = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
 

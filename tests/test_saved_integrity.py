@@ -31,6 +31,7 @@ from basis_sharing.models.compressed_io import (
 from basis_sharing.models.families import family_for_model_type
 from basis_sharing.models.integrity import seal
 from basis_sharing.modules import LowRankLinear, SharedBasisLinear, shared_bases
+from basis_sharing.stages import prepare as prepare_stages
 
 INFO = {"method": "basis_sharing", "target_ratio": 0.3, "model_name": "tiny"}
 PROBE = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(5))
@@ -421,8 +422,8 @@ def test_save_model_over_an_earlier_save_is_refused_before_the_model_loads(
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(pipeline, "load_model", fail)
-    monkeypatch.setattr(pipeline, "resolve_source", fail)
+    monkeypatch.setattr(prepare_stages, "load_model", fail)
+    monkeypatch.setattr(prepare_stages, "resolve_source", fail)
     cfg = run_cfg(tiny_model_dir, tiny_mirror, "force=true")
     with pytest.raises(CompressedModelError) as err:
         pipeline.run(cfg, out_dir=run_dir)

@@ -58,7 +58,7 @@ def test_pipeline_run_without_caches_gives_each_job_its_own(
     tiny_model_dir, tiny_mirror, tmp_path, monkeypatch
 ):
     given = []
-    monkeypatch.setattr(pipeline, "execute", lambda cfg, plan, record, caches: given.append(caches))
+    monkeypatch.setattr(pipeline, "run_stages", lambda state, stages: given.append(state.caches))
     cfg = compose_config(*tiny_run_overrides(tiny_model_dir, tiny_mirror))
     mine = SweepCaches()
     pipeline.run(cfg, out_dir=tmp_path / "a", caches=mine)

@@ -25,6 +25,7 @@ from conftest import compose_config
 
 from basis_sharing import pipeline
 from basis_sharing.errors import ConfigError, UserError
+from basis_sharing.stages import evaluate as evaluate_stages
 from basis_sharing.tracking.loggers import RunLogger, make_logger
 from basis_sharing.tracking.wandb_logger import RecordMirror, WandbLogger, flatten, is_number
 
@@ -235,7 +236,7 @@ def test_failed_job_still_finishes_its_run_as_failed(
     def explode(*args, **kwargs):
         raise RuntimeError("evaluation exploded")
 
-    monkeypatch.setattr(pipeline, "evaluate", explode)
+    monkeypatch.setattr(evaluate_stages, "evaluate_perplexity", explode)
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))
     cfg = tiny_job(tiny_model_dir, tiny_mirror, tmp_path, "method=dense")
     with pytest.raises(RuntimeError, match="evaluation exploded"):

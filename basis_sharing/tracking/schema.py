@@ -75,6 +75,7 @@ class Key:
     LOADED_COMPRESSION = "loaded_compression"
     SAVED_MODEL = "saved_model"
     GENERATION_SAMPLES = "generation_samples"
+    FINETUNE = "finetune"
 
 
 class Metric:
@@ -349,6 +350,7 @@ class RecordData(_RecordRequired, total=False):
     loaded_compression: dict[str, Any]
     saved_model: str
     generation_samples: list[GenerationSample]
+    finetune: dict[str, Any]  # what the fine-tuner reports (finetune stage)
 
 
 TOP_LEVEL_KEYS = tuple(get_type_hints(RecordData))

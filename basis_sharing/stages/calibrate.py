@@ -1,0 +1,67 @@
+"""The calibrate stage: the statistics the method reads, each from the disk cache when it can."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from basis_sharing.calibration.cache import stats_key
+from basis_sharing.calibration.collect import collect_statistic
+from basis_sharing.stages.state import RunState
+
+
+def calibrate(state: RunState) -> None:
+    """Collect (or load) every statistic in ``method.stats_needed``.
+
+    Cache keys cover the model identity, the calibration token ids (hence tokenizer, dataset,
+    split, sample count, length and seed), the statistic and the Gram accumulation dtype. The key
+    of the whole calibration setup (``state.stats_key``) lets a sweep reuse decompositions.
+    """
+    cfg, record = state.cfg, state.record
+    gram_dtype = cfg.calibration.gram_dtype
+    identity = model_identity(record["model"])
+    cache_dir = Path(cfg.paths.cache_dir).expanduser()
+    calibration_hash = record["hashes"]["calibration"]
+    needed = state.plan.method.stats_needed
+    meta = {"model": identity, "calibration": OmegaConf.to_container(cfg.calibration)}
+    summary: dict[str, Any] = {
+        "gram_dtype": gram_dtype,
+        "tokens": int(state.calibration_ids.numel()),
+    }
+    state.stats = {}
+    for name in sorted(needed):
+        key, collected, hit = collect_statistic(
+            name,
+            state.model,
+            state.family,
+            state.calibration_ids,
+            cfg.model.calib_batch_size,
+            gram_dtype,
+            identity,
+            calibration_hash,
+            cache_dir,
+            meta,
+        )
+        state.stats[name] = collected
+        summary[name] = {"stats_key": key, "cache_hit": hit}
+    state.stats_key = stats_key(identity, calibration_hash, gram_dtype)
+    summary["stats_key"] = state.stats_key
+    summary["cache_hit"] = all(v["cache_hit"] for k, v in summary.items() if k in needed)
+    record["calibration"] = summary
+
+
+def model_identity(model_record: dict) -> dict[str, Any]:
+    """What pins the weights: hub commit, GGUF hash or local fingerprint, plus dtype."""
+    keys = (
+        "source",
+        "hf_id",
+        "commit",
+        "path",
+        "weights_fingerprint",
+        "gguf_sha256",
+        "dtype",
+        "name",
+    )
+    return {k: model_record.get(k) for k in keys if model_record.get(k) is not None}

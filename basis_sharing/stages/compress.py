@@ -1,0 +1,58 @@
+"""The compress stage: the method on the loaded model, then what it kept, counted and checked."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from basis_sharing.evaluation.params import parameter_report
+from basis_sharing.evaluation.throughput import rank_above_break_even, summarize_break_even
+from basis_sharing.methods.registry import CompressionContext
+from basis_sharing.stages.checks import check_ratio
+from basis_sharing.stages.state import RunState
+from basis_sharing.tracking.record import RunRecord
+
+log = logging.getLogger(__name__)
+
+
+def compress(state: RunState) -> None:
+    """Compress in place; record the method's facts, the parameter report and the ratio check."""
+    cfg, plan, record = state.cfg, state.plan, state.record
+    ctx = CompressionContext(
+        ratio=cfg.ratio,
+        device=plan.device,
+        calibration_ids=state.calibration_ids,
+        stats=state.stats,
+        calib_batch_size=cfg.model.calib_batch_size,
+        caches=state.caches,
+        stats_key=state.stats_key,
+        gram_dtype=getattr(torch, cfg.calibration.gram_dtype),
+    )
+    record["method_info"] = plan.method.compress(state.model, state.family, ctx)
+    account(state)
+    if plan.method.compresses:
+        check_ratio(record["params"]["achieved_ratio"], cfg.ratio, cfg.ratio_tolerance)
+
+
+def account(state: RunState) -> None:
+    """The parameter report of the model as it is now, and its break-even check."""
+    record = state.record
+    record["params"] = parameter_report(state.model, state.family, state.dense_weights)
+    planned = (record["method_info"] or {}).get("planned_params")
+    if planned is not None:
+        record["params"]["planned_decoder_projections"] = planned["kept"]
+    check_break_even(state.model, record)
+
+
+def check_break_even(model, record: RunRecord) -> None:
+    """Record (and warn about) factorised projections slower than their dense layer."""
+    slow = rank_above_break_even(model)
+    record["params"]["above_break_even"] = slow
+    if slow:
+        log.warning(
+            "%d factorised projections have a rank above the break-even point, where (x B) C "
+            "costs more multiply-adds than x W, so they are slower than the dense layer: %s",
+            len(slow),
+            summarize_break_even(slow),
+        )
