@@ -2,7 +2,8 @@
 
 import hydra
 
-import basis_sharing.config  # noqa: F401  (registers the config schemas)
+import basis_sharing.config  # noqa: F401  (registers the config schemas and resolvers)
+import basis_sharing.methods  # noqa: F401  (registers every method and its config schema)
 from basis_sharing import pipeline
 from basis_sharing.methods.caches import SweepCaches
 

@@ -3,7 +3,9 @@
 The schemas are registered in Hydra's ConfigStore so that a typo'd key or a wrongly typed value
 fails when the config is composed, before any model or data is touched. Groups whose options carry
 different fields (method, finetune, logger) get one schema per option under ``schema/<group>/``;
-each option's YAML lists it first in its defaults.
+each option's YAML lists it first in its defaults. An option's schema may be declared by the module
+that implements it (``register_option_schema``): every method's is, in its file under
+``basis_sharing/methods/``, so whatever composes a config imports ``basis_sharing.methods`` first.
 """
 
 from __future__ import annotations
@@ -121,72 +123,6 @@ class PathsConfig:
 
 
 @dataclass
-class MethodConfig:
-    name: str = MISSING
-
-
-@dataclass
-class DenseMethodConfig(MethodConfig):
-    """No compression: the "Original" row of the paper's tables."""
-
-
-@dataclass
-class NoMethodConfig(MethodConfig):
-    """No compression step: evaluate a model as loaded (with load_model=<dir>, a saved one)."""
-
-
-@dataclass
-class FactorizedMethodConfig(MethodConfig):
-    """Settings every SVD-family method has."""
-
-    decomposition_cache_mb: float = 4096  # in-process SVD reuse across a sweep; 0 disables
-
-
-@dataclass
-class SVDMethodConfig(FactorizedMethodConfig):
-    """Plain truncated SVD (docs/methods.md §5.2)."""
-
-
-@dataclass
-class FWSVDMethodConfig(FactorizedMethodConfig):
-    """Fisher-weighted SVD (docs/methods.md §5.3)."""
-
-    eps: float = 1e-5  # inside the square root of the Fisher row importance
-
-
-@dataclass
-class ASVDMethodConfig(FactorizedMethodConfig):
-    """Activation-aware SVD (docs/methods.md §5.4)."""
-
-    scale: str = "abs_mean"  # or abs_max
-    alpha: float = 0.5
-    allocation: str = "sensitivity"  # or uniform
-    candidate_ratios: list[float] = field(
-        default_factory=lambda: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # fractions of weights kept
-    )
-    sensitivity_samples: int = 8  # calibration blocks scored per candidate
-
-
-@dataclass
-class WhitenedSVDMethodConfig(FactorizedMethodConfig):
-    """Shared by every method that whitens with the calibration Gram (svd_llm, basis_sharing)."""
-
-    eps: float = 1e-6  # added to -lambda_min when a Gram is not positive definite
-    update: bool = False  # refit the coefficients on the compressed model's inputs
-
-
-@dataclass
-class BasisSharingMethodConfig(WhitenedSVDMethodConfig):
-    """Basis Sharing (docs/methods.md §3)."""
-
-    group_size: int = 2  # consecutive layers sharing one basis (every released config uses 2)
-    shared: list[str] | None = None  # projection kinds sharing a basis; None = family default
-    private: list[str] | None = None  # kinds with one basis per layer; None = family default
-    remainder_rank: str = "nominal"  # smaller last group: "nominal" k (paper code) or "own"
-    eps: float = 7e-6  # the Basis Sharing code's regulariser (SVD-LLM uses 1e-6)
-
-
-@dataclass
 class FinetuneConfig:
     name: str = MISSING
 
@@ -247,16 +183,10 @@ class Config:
     experiment_name: str | None = None  # set by conf/experiment/*.yaml; the W&B group
 
 
+# Schemas of the options of groups whose options differ. The method group's are registered by
+# the method files (basis_sharing/methods/, through register_method) when they are imported.
 OPTION_SCHEMAS: dict[str, dict[str, type]] = {
-    "method": {
-        "dense": DenseMethodConfig,
-        "none": NoMethodConfig,
-        "svd": SVDMethodConfig,
-        "fwsvd": FWSVDMethodConfig,
-        "asvd": ASVDMethodConfig,
-        "svd_llm": WhitenedSVDMethodConfig,
-        "basis_sharing": BasisSharingMethodConfig,
-    },
+    "method": {},
     "finetune": {"none": NoFinetuneConfig},
     "logger": {"none": NoLoggerConfig, "wandb": WandbLoggerConfig},
 }

@@ -60,7 +60,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-import basis_sharing.config  # noqa: E402,F401  (registers the config schemas)
+import basis_sharing.config  # noqa: E402,F401  (registers the config schemas and resolvers)
+import basis_sharing.methods  # noqa: E402,F401  (registers every method and its config schema)
 from basis_sharing import pipeline  # noqa: E402
 from basis_sharing.errors import UserError  # noqa: E402
 from basis_sharing.methods.caches import SweepCaches  # noqa: E402

@@ -28,12 +28,14 @@ if str(REPO) not in sys.path:
 from omegaconf import OmegaConf  # noqa: E402
 
 from basis_sharing.calibration.grams import collect_grams  # noqa: E402
-from basis_sharing.config import BasisSharingMethodConfig  # noqa: E402
 from basis_sharing.evaluation.params import (  # noqa: E402
     count_projection_weights,
     dense_projection_weights,
 )
-from basis_sharing.methods.basis_sharing import BasisSharing  # noqa: E402
+from basis_sharing.methods.basis_sharing import (  # noqa: E402
+    BasisSharing,
+    BasisSharingMethodConfig,
+)
 from basis_sharing.methods.registry import CompressionContext  # noqa: E402
 from basis_sharing.models.families import get_family  # noqa: E402
 

@@ -43,7 +43,6 @@ for path in (REPO, REPO / "scripts"):
         sys.path.insert(0, str(path))
 
 from basis_sharing.calibration.grams import collect_grams  # noqa: E402
-from basis_sharing.config import BasisSharingMethodConfig  # noqa: E402
 from basis_sharing.data.calibration import sample_calibration_blocks  # noqa: E402
 from basis_sharing.data.corpora import load_corpus  # noqa: E402
 from basis_sharing.data.tokens import tokenize_text  # noqa: E402
@@ -58,7 +57,10 @@ from basis_sharing.evaluation.throughput import (  # noqa: E402
     speedups,
     throughput_blocks,
 )
-from basis_sharing.methods.basis_sharing import BasisSharing  # noqa: E402
+from basis_sharing.methods.basis_sharing import (  # noqa: E402
+    BasisSharing,
+    BasisSharingMethodConfig,
+)
 from basis_sharing.methods.factorized import install  # noqa: E402
 from basis_sharing.methods.registry import CompressionContext  # noqa: E402
 from basis_sharing.models.families import get_family  # noqa: E402

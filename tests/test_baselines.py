@@ -10,14 +10,13 @@ import torch
 from conftest import make_tiny_model
 from omegaconf import OmegaConf
 
-from basis_sharing.config import ASVDMethodConfig, FWSVDMethodConfig, SVDMethodConfig
 from basis_sharing.errors import ConfigError
 from basis_sharing.evaluation.params import count_projection_weights
-from basis_sharing.methods.asvd import ASVD, choose_threshold, kept_rank
+from basis_sharing.methods.asvd import ASVD, ASVDMethodConfig, choose_threshold, kept_rank
 from basis_sharing.methods.caches import SweepCaches
-from basis_sharing.methods.fwsvd import FWSVD
+from basis_sharing.methods.fwsvd import FWSVD, FWSVDMethodConfig
 from basis_sharing.methods.registry import CompressionContext
-from basis_sharing.methods.svd import SVD
+from basis_sharing.methods.svd import SVD, SVDMethodConfig
 from basis_sharing.models.families import family_for_model_type
 
 CPU = torch.device("cpu")

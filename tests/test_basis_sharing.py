@@ -10,13 +10,13 @@ from conftest import make_tiny_model
 from omegaconf import OmegaConf
 
 from basis_sharing.calibration.grams import collect_grams
-from basis_sharing.config import BasisSharingMethodConfig, WhitenedSVDMethodConfig
 from basis_sharing.errors import ConfigError
 from basis_sharing.evaluation.params import count_projection_weights, dense_projection_weights
 from basis_sharing.linalg.factorization import decompose_shared
 from basis_sharing.linalg.whitening import whitening_factor
-from basis_sharing.methods.basis_sharing import SVDLLM, BasisSharing
+from basis_sharing.methods.basis_sharing import SVDLLM, BasisSharing, BasisSharingMethodConfig
 from basis_sharing.methods.caches import SweepCaches
+from basis_sharing.methods.factorized import WhitenedSVDMethodConfig
 from basis_sharing.methods.plan import layer_groups, resolve_kinds
 from basis_sharing.models.families import family_for_model_type, get_family
 from basis_sharing.modules import LowRankLinear, SharedBasisLinear

@@ -14,11 +14,11 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from basis_sharing.calibration.grams import collect_grams
-from basis_sharing.config import BasisSharingMethodConfig, WhitenedSVDMethodConfig
 from basis_sharing.errors import UserError
 from basis_sharing.evaluation.params import count_projection_weights, count_total
 from basis_sharing.hashing import file_sha256
-from basis_sharing.methods.basis_sharing import SVDLLM, BasisSharing
+from basis_sharing.methods.basis_sharing import SVDLLM, BasisSharing, BasisSharingMethodConfig
+from basis_sharing.methods.factorized import WhitenedSVDMethodConfig
 from basis_sharing.methods.registry import CompressionContext
 from basis_sharing.models.compressed_io import (
     MANIFEST,

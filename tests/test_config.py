@@ -12,6 +12,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
+import basis_sharing.methods  # noqa: F401  (registers every method and its config schema)
 from basis_sharing.config import check_schema
 from basis_sharing.errors import ConfigError
 

@@ -21,7 +21,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from basis_sharing import pipeline
 from basis_sharing.calibration.grams import collect_grams
-from basis_sharing.config import BasisSharingMethodConfig, WhitenedSVDMethodConfig
 from basis_sharing.errors import HubUnreachableError
 from basis_sharing.evaluation.params import (
     count_projection_weights,
@@ -29,13 +28,15 @@ from basis_sharing.evaluation.params import (
     dense_projection_weights,
 )
 from basis_sharing.evaluation.perplexity import perplexity
-from basis_sharing.methods.basis_sharing import SVDLLM, BasisSharing
+from basis_sharing.methods.basis_sharing import SVDLLM, BasisSharing, BasisSharingMethodConfig
+from basis_sharing.methods.factorized import WhitenedSVDMethodConfig
 from basis_sharing.methods.plan import narrow_kinds, planned_params, resolve_kinds
 from basis_sharing.methods.registry import CompressionContext
 from basis_sharing.methods.update import _run_layer, capture_layer_inputs
 from basis_sharing.models.compressed_io import load_compressed, save_compressed
 from basis_sharing.models.families import family_for_model_type, get_family
 from basis_sharing.modules import LowRankLinear, SharedBasisLinear
+from basis_sharing.stages import prepare as prepare_stages
 
 NEW = ["llama3", "qwen2", "gemma2"]
 ADAPTER = {"llama3": "llama3", "qwen2": "qwen2", "gemma2": "gemma2"}
@@ -347,7 +348,7 @@ def test_hub_model_offline_fails_fast_and_loads_no_model(name, tiny_mirror, tmp_
     def no_model(*_a, **_k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(pipeline, "load_model", no_model)
+    monkeypatch.setattr(prepare_stages, "load_model", no_model)
     cfg = compose_config(
         f"model={name}",
         "method=dense",

@@ -43,14 +43,17 @@ def run_refused(cfg, tmp_path, error, message: str) -> dict | None:
 
 CONFIG_ONLY = [
     ("method.group_size=0", "method.group_size=0 must be >= 1"),
-    ("method.remainder_rank=half", "method.remainder_rank='half': use 'nominal' or 'own'"),
+    (
+        "method.remainder_rank=half",
+        "Unknown method.remainder_rank 'half'. Valid choices: nominal, own.",
+    ),
     ("calibration.gram_dtype=float16", "calibration.gram_dtype='float16': use float32"),
     ("calibration.n_samples=0", "calibration.n_samples=0 must be >= 1"),
     ("calibration.seq_len=1", "calibration.seq_len=1 must be >= 2"),
     ("calibration.seq_len=128", "calibration.seq_len=128 is longer than model.context_length=64"),
     ("ratio_tolerance=-0.1", "ratio_tolerance=-0.1 must be >= 0"),
     ("method.decomposition_cache_mb=-1", "method.decomposition_cache_mb=-1.0 must be >= 0"),
-    ("method.eps=-1e-3", "method.eps=-0.001 must be >= 0"),
+    ("method.eps=-1e-3", "method.eps=-0.001 must be a finite number > 0"),
     ("+method.shared=[q,qq]", "Unknown projection kind for family llama 'qq'"),
 ]
 
@@ -71,8 +74,8 @@ def test_config_only_settings_fail_before_any_data_is_read(
 
 
 ASVD_SETTINGS = [
-    ("method.scale=abs_sum", "method.scale='abs_sum': use abs_mean or abs_max"),
-    ("method.allocation=greedy", "method.allocation='greedy': use sensitivity or uniform"),
+    ("method.scale=abs_sum", "Unknown method.scale 'abs_sum'. Valid choices: abs_max, abs_mean."),
+    ("method.allocation=greedy", "Unknown method.allocation 'greedy'. Valid choices: sensitivity,"),
     ("method.candidate_ratios=[0.5,1.5]", "method.candidate_ratios=[0.5, 1.5]"),
     ("method.sensitivity_samples=0", "method.sensitivity_samples=0 must be >= 1"),
 ]

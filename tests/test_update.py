@@ -8,10 +8,10 @@ from conftest import make_tiny_model
 from omegaconf import OmegaConf
 
 from basis_sharing.calibration.grams import collect_grams
-from basis_sharing.config import BasisSharingMethodConfig, WhitenedSVDMethodConfig
 from basis_sharing.linalg.factorization import concat_weights
 from basis_sharing.linalg.refit import output_error, refit_coefficients
-from basis_sharing.methods.basis_sharing import SVDLLM, BasisSharing
+from basis_sharing.methods.basis_sharing import SVDLLM, BasisSharing, BasisSharingMethodConfig
+from basis_sharing.methods.factorized import WhitenedSVDMethodConfig
 from basis_sharing.methods.registry import CompressionContext
 from basis_sharing.models.families import family_for_model_type
 

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from basis_sharing.errors import ConfigError
-from basis_sharing.methods.factorized import FactorizedMethod
+from basis_sharing.calibration.scales import SCALE_METHODS
+from basis_sharing.errors import ConfigError, unknown_choice
+from basis_sharing.methods.factorized import FactorizedMethod, FactorizedMethodConfig
 from basis_sharing.methods.plan import GroupPlan
 from basis_sharing.methods.registry import CompressionContext, register_method
 from basis_sharing.models.families import FamilyAdapter
@@ -32,6 +34,21 @@ from basis_sharing.modules import LowRankLinear, basis_linear, coefficient_linea
 from basis_sharing.runtime.windows import window_nlls
 
 log = logging.getLogger(__name__)
+
+ALLOCATIONS = ("sensitivity", "uniform")
+
+
+@dataclass
+class ASVDMethodConfig(FactorizedMethodConfig):
+    """Activation-aware SVD (docs/methods.md §5.4)."""
+
+    scale: str = "abs_mean"  # or abs_max
+    alpha: float = 0.5
+    allocation: str = "sensitivity"  # or uniform
+    candidate_ratios: list[float] = field(
+        default_factory=lambda: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # fractions of weights kept
+    )
+    sensitivity_samples: int = 8  # calibration blocks scored per candidate
 
 
 def kept_rank(d_in: int, d_out: int, kept: float) -> int:
@@ -81,9 +98,17 @@ def choose_threshold(
     return allocation(thresholds[lo])
 
 
-@register_method("asvd")
+@register_method("asvd", schema=ASVDMethodConfig)
 class ASVD(FactorizedMethod):
+    """Activation-scaled truncated SVD with a per-projection rank allocation (module docstring).
+
+    Not block by block (``supports_sequential = False``): the sensitivity allocation measures the
+    whole model's calibration perplexity with each projection compressed in turn.
+    """
+
+    label = "ASVD"
     stats_needed = frozenset({"scale"})
+    supports_sequential = False
 
     def scaling(
         self, plan: GroupPlan, family: FamilyAdapter, stats: dict[str, Any], device: torch.device
@@ -98,12 +123,17 @@ class ASVD(FactorizedMethod):
 
     def check_config(self, family: FamilyAdapter | None) -> None:
         super().check_config(family)
-        if self.cfg.scale not in ("abs_mean", "abs_max"):
-            raise ConfigError(f"method.scale={self.cfg.scale!r}: use abs_mean or abs_max.")
-        if self.cfg.allocation not in ("sensitivity", "uniform"):
+        if self.cfg.scale not in SCALE_METHODS:
+            raise unknown_choice("method.scale", self.cfg.scale, SCALE_METHODS)
+        if self.cfg.allocation not in ALLOCATIONS:
+            raise unknown_choice("method.allocation", self.cfg.allocation, ALLOCATIONS)
+        if not 0.0 <= self.cfg.alpha <= 1.0:  # `not` also refuses NaN
             raise ConfigError(
-                f"method.allocation={self.cfg.allocation!r}: use sensitivity or uniform."
+                f"method.alpha={self.cfg.alpha} must be in [0, 1] (0: no activation scaling, "
+                "1: the full scale; ASVD uses 0.5)."
             )
+        # A kept fraction of 1 would be measured as a truncation but planned as a dense
+        # projection (the allocation's "stays dense"), so candidates stay below 1.
         candidates = list(self.cfg.candidate_ratios)
         if not candidates or not all(0.0 < r < 1.0 for r in candidates):
             raise ConfigError(
@@ -114,8 +144,6 @@ class ASVD(FactorizedMethod):
             raise ConfigError(
                 f"method.sensitivity_samples={self.cfg.sensitivity_samples} must be >= 1."
             )
-        if not math.isfinite(self.cfg.alpha):
-            raise ConfigError(f"method.alpha={self.cfg.alpha} must be a finite number.")
 
     def shape_plan(self, model: nn.Module, family: FamilyAdapter, ratio: float):
         # The sensitivity allocation needs calibration perplexities; uniform needs only shapes.

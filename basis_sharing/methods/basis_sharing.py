@@ -9,22 +9,44 @@ private. Both have the optional deviated-input ``update`` (``basis_sharing.metho
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from basis_sharing.errors import ConfigError
+from basis_sharing.errors import ConfigError, unknown_choice
 from basis_sharing.linalg.whitening import whitening_factor
-from basis_sharing.methods.factorized import FactorizedMethod
-from basis_sharing.methods.plan import GroupPlan, narrow_kinds, resolve_kinds
+from basis_sharing.methods.factorized import (
+    FactorizedMethod,
+    WhitenedSVDMethodConfig,
+    check_positive,
+)
+from basis_sharing.methods.plan import REMAINDER_RANKS, GroupPlan, narrow_kinds, resolve_kinds
 from basis_sharing.methods.registry import CompressionContext, register_method
 from basis_sharing.methods.update import refit_sequential, refit_single_pass
 from basis_sharing.models.families import FamilyAdapter
 
 
-@register_method("basis_sharing")
+@dataclass
+class BasisSharingMethodConfig(WhitenedSVDMethodConfig):
+    """Basis Sharing (docs/methods.md §3)."""
+
+    group_size: int = 2  # consecutive layers sharing one basis (every released config uses 2)
+    shared: list[str] | None = None  # projection kinds sharing a basis; None = family default
+    private: list[str] | None = None  # kinds with one basis per layer; None = family default
+    remainder_rank: str = "nominal"  # smaller last group: "nominal" k (paper code) or "own"
+    eps: float = 7e-6  # the Basis Sharing code's regulariser (SVD-LLM uses 1e-6)
+
+
+@dataclass
+class SVDLLMMethodConfig(WhitenedSVDMethodConfig):
+    """SVD-LLM (docs/methods.md §4): the shared whitening settings (whose eps is SVD-LLM's)."""
+
+
+@register_method("basis_sharing", schema=BasisSharingMethodConfig)
 class BasisSharing(FactorizedMethod):
+    label = "Basis Sharing"
     stats_needed = frozenset({"gram"})
 
     def group_size(self) -> int:
@@ -32,13 +54,17 @@ class BasisSharing(FactorizedMethod):
 
     def check_config(self, family: FamilyAdapter | None) -> None:
         super().check_config(family)
-        if self.group_size() < 1:
-            raise ConfigError(f"method.group_size={self.group_size()} must be >= 1.")
-        remainder = self.cfg.get("remainder_rank", "nominal")
-        if remainder not in ("nominal", "own"):
-            raise ConfigError(f"method.remainder_rank={remainder!r}: use 'nominal' or 'own'.")
+        check_positive("eps", self.cfg.eps)  # eps = 0 leaves a rank-deficient Gram singular
+        self.check_groups(family)
+
+    def check_groups(self, family: FamilyAdapter | None) -> None:
+        """``group_size``, ``remainder_rank`` and the kinds named in ``shared`` / ``private``."""
+        if self.cfg.group_size < 1:
+            raise ConfigError(f"method.group_size={self.cfg.group_size} must be >= 1.")
+        if self.cfg.remainder_rank not in REMAINDER_RANKS:
+            raise unknown_choice("method.remainder_rank", self.cfg.remainder_rank, REMAINDER_RANKS)
         if family is not None:  # else the model's own family is checked once its config is read
-            for name in list(self.cfg.get("shared") or []) + list(self.cfg.get("private") or []):
+            for name in list(self.cfg.shared or []) + list(self.cfg.private or []):
                 family.projection(name)  # an unknown kind fails here, listing the valid ones
 
     def shape_plan(self, model: nn.Module, family: FamilyAdapter, ratio: float):
@@ -102,7 +128,7 @@ class BasisSharing(FactorizedMethod):
         return refit_single_pass(model, family, plans, originals, ctx, self.cfg.eps)
 
 
-@register_method("svd_llm")
+@register_method("svd_llm", schema=SVDLLMMethodConfig)
 class SVDLLM(BasisSharing):
     """SVD-LLM's whitening + truncation: Basis Sharing with one layer per group for every kind.
 
@@ -110,8 +136,13 @@ class SVDLLM(BasisSharing):
     already compressed (and refit) earlier layers.
     """
 
+    label = "SVD-LLM"
+
     def group_size(self) -> int:
         return 1
+
+    def check_groups(self, family: FamilyAdapter | None) -> None:
+        pass  # one layer per group and every kind private: no group settings to check
 
     def kinds(
         self, family: FamilyAdapter, model: nn.Module

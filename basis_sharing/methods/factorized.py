@@ -6,13 +6,17 @@ scaling: the identity (SVD), a diagonal (FWSVD's Fisher rows, ASVD's activation 
 Cholesky factor of the calibration Gram (SVD-LLM, Basis Sharing). The basis B = S^{-1} U_k Sigma_k
 and coefficients C_j = V_k^T slices are installed as drop-in modules (``basis_sharing.modules``).
 
-A method file only says what is specific to it: which statistics it needs, its scaling, its rank
-plan, and an optional refit (``update``).
+A method file only says what is specific to it: its settings, which statistics it needs, its
+scaling, its rank plan, and an optional refit (``update``). The settings every factorised method
+has (``FactorizedMethodConfig``) and those of the two whitening methods
+(``WhitenedSVDMethodConfig``) are declared here.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -22,11 +26,32 @@ from tqdm.auto import tqdm
 from basis_sharing.errors import ConfigError
 from basis_sharing.linalg.factorization import SharedDecomposition, decompose_shared
 from basis_sharing.methods.plan import GroupPlan, plan_groups, planned_params
-from basis_sharing.methods.registry import CompressionContext, CompressionMethod
+from basis_sharing.methods.registry import CompressionContext, CompressionMethod, MethodConfig
 from basis_sharing.models.families import FamilyAdapter, dense_projection_weights
 from basis_sharing.modules import install_factors
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class FactorizedMethodConfig(MethodConfig):
+    """Settings every SVD-family method has."""
+
+    decomposition_cache_mb: float = 4096  # in-process SVD reuse across a sweep; 0 disables
+
+
+@dataclass
+class WhitenedSVDMethodConfig(FactorizedMethodConfig):
+    """Shared by every method that whitens with the calibration Gram (svd_llm, basis_sharing)."""
+
+    eps: float = 1e-6  # added to -lambda_min when a Gram is not positive definite
+    update: bool = False  # refit the coefficients on the compressed model's inputs
+
+
+def check_positive(key: str, value: float) -> None:
+    """Refuse ``method.<key>`` unless it is a finite number > 0 (NaN and inf included)."""
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"method.{key}={value} must be a finite number > 0.")
 
 
 class FactorizedMethod(CompressionMethod):
@@ -59,12 +84,9 @@ class FactorizedMethod(CompressionMethod):
         return ()
 
     def check_config(self, family: FamilyAdapter | None) -> None:
-        budget = self.cfg.get("decomposition_cache_mb", 0)
-        if budget < 0:
+        budget = self.cfg.decomposition_cache_mb
+        if not budget >= 0:  # `not >=` also refuses NaN; inf is a budget without a limit
             raise ConfigError(f"method.decomposition_cache_mb={budget} must be >= 0 (0 disables).")
-        eps = self.cfg.get("eps")
-        if eps is not None and not eps >= 0:  # `not >=` also refuses NaN
-            raise ConfigError(f"method.eps={eps} must be >= 0.")
 
     def shape_plan(self, model: nn.Module, family: FamilyAdapter, ratio: float):
         return self.plan(model, family, CompressionContext(ratio=ratio, device=torch.device("cpu")))

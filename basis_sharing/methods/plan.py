@@ -11,9 +11,12 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from basis_sharing.errors import ConfigError
+from basis_sharing.errors import ConfigError, unknown_choice
 from basis_sharing.linalg.factorization import shared_rank
 from basis_sharing.models.families import FamilyAdapter
+
+# The rank of a smaller last group: the nominal k of a full group (the paper's code) or its own.
+REMAINDER_RANKS = ("nominal", "own")
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,8 @@ def plan_groups(
     nominal k as the paper's code does (``remainder_rank="nominal"``) or gets k for its own size
     (``"own"``).
     """
-    if remainder_rank not in ("nominal", "own"):
-        raise ConfigError(f"method.remainder_rank={remainder_rank!r}: use 'nominal' or 'own'.")
+    if remainder_rank not in REMAINDER_RANKS:
+        raise unknown_choice("method.remainder_rank", remainder_rank, REMAINDER_RANKS)
     layers = family.layers(model)
     plans: list[GroupPlan] = []
     for kind in family.kinds:

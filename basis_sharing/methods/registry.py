@@ -1,22 +1,34 @@
 """Name-keyed registry of compression methods (docs/architecture.md §5.4).
 
-A method is a class registered with ``@register_method("name")``; the Hydra ``method`` group selects
-it by ``method.name``. The pipeline asks a method what it needs before any heavy work starts
-(``needs_calibration``) and then calls ``compress`` once on the loaded model.
+A method is a class registered with ``@register_method("name", schema=SettingsClass)``; the Hydra
+``method`` group selects it by ``method.name``. Registering the class registers its settings'
+dataclass too (``config.register_option_schema``), so a method file holds every fact about its
+method: the schema and range checks of its settings, its table label, the statistics it reads,
+whether it runs block by block, and its rank plan. The pipeline asks a method what it needs before
+any heavy work starts (``needs_calibration``) and then calls ``compress`` once on the loaded model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from typing import Any, ClassVar
 
 import torch
+from omegaconf import MISSING
 from torch import nn
 
+from basis_sharing.config import register_option_schema
 from basis_sharing.errors import unknown_choice
 from basis_sharing.methods.caches import SweepCaches
 from basis_sharing.models.families import FamilyAdapter
+
+
+@dataclass
+class MethodConfig:
+    """What every method's settings have: ``name`` selects the registered class."""
+
+    name: str = MISSING
 
 
 @dataclass
@@ -37,6 +49,7 @@ class CompressionMethod:
     """Base class: a method compresses a model in place and returns facts for the run record."""
 
     name: ClassVar[str] = ""
+    schema: ClassVar[type[MethodConfig]] = MethodConfig  # its settings, set by register_method
     label: ClassVar[str] = ""  # the row label in the paper-style tables, e.g. "SVD-LLM"
     needs_calibration: ClassVar[bool] = False
     compresses: ClassVar[bool] = True  # False for the dense baseline: no target ratio applies
@@ -69,11 +82,23 @@ class CompressionMethod:
 METHODS: dict[str, type[CompressionMethod]] = {}
 
 
-def register_method(name: str) -> Callable[[type[CompressionMethod]], type[CompressionMethod]]:
+def register_method(
+    name: str, *, schema: type[MethodConfig]
+) -> Callable[[type[CompressionMethod]], type[CompressionMethod]]:
+    """Register a method class under ``name`` with ``schema``, the dataclass of its settings.
+
+    The schema becomes ``schema/method/<name>`` in Hydra's ConfigStore, which
+    ``conf/method/<name>.yaml`` lists first in its defaults: a typo'd or wrongly typed
+    ``method.<key>`` then fails when the config is composed.
+    """
+    if not (isinstance(schema, type) and is_dataclass(schema) and issubclass(schema, MethodConfig)):
+        raise TypeError(f"method '{name}': schema must be a MethodConfig dataclass, not {schema!r}")
+
     def wrap(cls: type[CompressionMethod]) -> type[CompressionMethod]:
         if name in METHODS:
             raise ValueError(f"method '{name}' registered twice")
-        cls.name = name
+        register_option_schema("method", name, schema)
+        cls.name, cls.schema = name, schema
         METHODS[name] = cls
         return cls
 

@@ -16,15 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from basis_sharing.methods import METHODS
+
 RATIOS = (0.2, 0.3, 0.4, 0.5)
-METHOD_LABELS = {
-    "dense": "Original",
-    "svd": "SVD",
-    "fwsvd": "FWSVD",
-    "asvd": "ASVD",
-    "svd_llm": "SVD-LLM",
-    "basis_sharing": "Basis Sharing",
-}
+# Each registered method's row label, as its class declares it (e.g. svd_llm -> "SVD-LLM").
+METHOD_LABELS = {name: cls.label for name, cls in METHODS.items()}
 BASELINES = ("svd", "fwsvd", "asvd", "svd_llm", "basis_sharing")
 PPL_DATASETS = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 # The paper's column order and abbreviations (Table 1).
