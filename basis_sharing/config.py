@@ -58,7 +58,9 @@ class CalibrationConfig:
     gram_dtype: str = "float32"  # accumulation dtype of X^T X: float32 (paper) or float64
 
 
-PAPER_ZEROSHOT_TASKS = [
+# The paper's seven zero-shot tasks (lm-eval names), in its Table 1 column order: the one list
+# evaluation.zeroshot (the tasks' data) and tables.specs (the column labels) are built from.
+PAPER_ZEROSHOT_TASKS = (
     "openbookqa",
     "arc_easy",
     "winogrande",
@@ -66,7 +68,7 @@ PAPER_ZEROSHOT_TASKS = [
     "arc_challenge",
     "piqa",
     "mathqa",
-]
+)
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 import basis_sharing.methods  # noqa: F401  (registers every method and its config schema)
-from basis_sharing.config import check_schema
+from basis_sharing.config import PAPER_ZEROSHOT_TASKS, ZeroShotConfig, check_schema
 from basis_sharing.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -136,3 +138,41 @@ def test_long_sweep_directory_names_are_shortened_with_a_hash():
     long_a, long_b = "a=" + "x" * 300, "a=" + "x" * 299 + "y"
     assert len(job_subdir(long_a)) == MAX_SUBDIR and job_subdir(long_a) != job_subdir(long_b)
     assert job_subdir(long_a).startswith("a=xxx")
+
+
+# ---- the zero-shot tasks: one list (config.PAPER_ZEROSHOT_TASKS), every other place derived ----
+
+
+def test_the_zero_shot_tasks_are_one_list_everywhere():
+    from basis_sharing.evaluation.zeroshot import PAPER_TASKS, TASK_SOURCES
+    from basis_sharing.tables.specs import ZEROSHOT_LABELS, ZEROSHOT_TASKS, accuracy_columns
+
+    # Table 1's column order, written out here as the oracle.
+    paper_order = "openbookqa arc_easy winogrande hellaswag arc_challenge piqa mathqa".split()
+    assert list(PAPER_ZEROSHOT_TASKS) == paper_order
+    assert list(PAPER_TASKS) == paper_order and set(TASK_SOURCES) == set(paper_order)
+    assert all(task.name == name for name, task in PAPER_TASKS.items())
+    assert list(ZEROSHOT_TASKS) == paper_order and set(ZEROSHOT_LABELS) == set(paper_order)
+    columns = [c.metric for c in accuracy_columns()]
+    assert columns == [*(f"acc.{t}" for t in paper_order), "acc.mean"]
+    assert ZeroShotConfig().tasks == paper_order
+    for option in ("paper", "quick"):  # they take the schema's default instead of a copy
+        assert list(make(f"eval={option}").eval.zeroshot.tasks) == paper_order
+    assert list(make("eval=ppl").eval.zeroshot.tasks) == []
+
+
+def test_prepare_data_mirrors_exactly_the_paper_tasks_with_their_splits():
+    from basis_sharing.evaluation.zeroshot import PAPER_TASKS
+
+    path = CONF.parent / "scripts" / "prepare_data.py"
+    spec = importlib.util.spec_from_file_location("prepare_data_for_test_config", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    assert set(module.LM_EVAL_TASKS) == set(PAPER_ZEROSHOT_TASKS)
+    assert {n: s.split for n, s in module.LM_EVAL_TASKS.items()} == {
+        n: t.split for n, t in PAPER_TASKS.items()
+    }

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from basis_sharing.config import PAPER_ZEROSHOT_TASKS
 from basis_sharing.data.rows import REPAIR_HINT, json_lines_file, missing_fields
 from basis_sharing.errors import BadDataError, ConfigError, DataNotFoundError, unknown_choice
 from basis_sharing.hub import hub_available
@@ -49,27 +50,28 @@ class ZeroShotTask:
 ARC_FIELDS = ("question", "choices.text", "choices.label", "answerKey")
 OPENBOOKQA_FIELDS = ("question_stem", "choices.text", "choices.label", "answerKey")
 
+# Where each task lives in lm-eval and what its rows hold: (YAML, scored split, row fields). Its
+# keys are config.PAPER_ZEROSHOT_TASKS (tests/test_config.py checks it).
+TASK_SOURCES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "openbookqa": ("openbookqa/openbookqa.yaml", "test", OPENBOOKQA_FIELDS),
+    "arc_easy": ("arc/arc_easy.yaml", "test", ARC_FIELDS),
+    "winogrande": (
+        "winogrande/default.yaml",
+        "validation",
+        ("sentence", "option1", "option2", "answer"),
+    ),
+    "hellaswag": (
+        "hellaswag/hellaswag.yaml",
+        "validation",
+        ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
+    ),
+    "arc_challenge": ("arc/arc_challenge.yaml", "test", ARC_FIELDS),
+    "piqa": ("piqa/piqa.yaml", "validation", ("goal", "sol1", "sol2", "label")),
+    "mathqa": ("mathqa/mathqa.yaml", "test", ("Problem", "options", "correct")),
+}
+# The paper's tasks in the paper's order (config.PAPER_ZEROSHOT_TASKS).
 PAPER_TASKS: dict[str, ZeroShotTask] = {
-    t.name: t
-    for t in (
-        ZeroShotTask("openbookqa", "openbookqa/openbookqa.yaml", "test", OPENBOOKQA_FIELDS),
-        ZeroShotTask("arc_easy", "arc/arc_easy.yaml", "test", ARC_FIELDS),
-        ZeroShotTask(
-            "winogrande",
-            "winogrande/default.yaml",
-            "validation",
-            ("sentence", "option1", "option2", "answer"),
-        ),
-        ZeroShotTask(
-            "hellaswag",
-            "hellaswag/hellaswag.yaml",
-            "validation",
-            ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
-        ),
-        ZeroShotTask("arc_challenge", "arc/arc_challenge.yaml", "test", ARC_FIELDS),
-        ZeroShotTask("piqa", "piqa/piqa.yaml", "validation", ("goal", "sol1", "sol2", "label")),
-        ZeroShotTask("mathqa", "mathqa/mathqa.yaml", "test", ("Problem", "options", "correct")),
-    )
+    name: ZeroShotTask(name, *TASK_SOURCES[name]) for name in PAPER_ZEROSHOT_TASKS
 }
 
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from basis_sharing.config import PAPER_ZEROSHOT_TASKS
 from basis_sharing.methods import METHODS
 
 RATIOS = (0.2, 0.3, 0.4, 0.5)
@@ -23,8 +24,9 @@ RATIOS = (0.2, 0.3, 0.4, 0.5)
 METHOD_LABELS = {name: cls.label for name, cls in METHODS.items()}
 BASELINES = ("svd", "fwsvd", "asvd", "svd_llm", "basis_sharing")
 PPL_DATASETS = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
-# The paper's column order and abbreviations (Table 1).
-ZEROSHOT_TASKS = {
+# The paper's abbreviations of its zero-shot tasks (Table 1); tests/test_config.py checks that
+# its keys are config.PAPER_ZEROSHOT_TASKS.
+ZEROSHOT_LABELS = {
     "openbookqa": "Openb.",
     "arc_easy": "ARC_e",
     "winogrande": "WinoG.",
@@ -33,6 +35,8 @@ ZEROSHOT_TASKS = {
     "piqa": "PIQA",
     "mathqa": "MathQA",
 }
+# The tasks' columns in the paper's order (config.PAPER_ZEROSHOT_TASKS), with their labels.
+ZEROSHOT_TASKS = {task: ZEROSHOT_LABELS[task] for task in PAPER_ZEROSHOT_TASKS}
 PAPER_GROUP_SIZE = 2  # every released config and every Table 1-5 number uses n = 2
 
 
