@@ -140,6 +140,19 @@ def test_long_sweep_directory_names_are_shortened_with_a_hash():
     assert job_subdir(long_a).startswith("a=xxx")
 
 
+def test_a_typo_in_a_method_key_fails_at_compose_time():
+    for method, schema in (
+        ("basis_sharing", "BasisSharingMethodConfig"),
+        ("asvd", "ASVDMethodConfig"),
+    ):
+        with pytest.raises(ConfigCompositionException) as err:
+            make(f"method={method}", "method.alpah=1")
+        assert f"Key 'alpah' not in '{schema}'" in str(err.value.__cause__)
+    with pytest.raises(ConfigCompositionException) as err:
+        make("method=asvd", "method.alpha=half")  # a wrongly typed value of a known key
+    assert isinstance(err.value.__cause__, ValidationError)
+
+
 # ---- the zero-shot tasks: one list (config.PAPER_ZEROSHOT_TASKS), every other place derived ----
 
 

@@ -2,21 +2,26 @@
 
 Planned parameters equal counted ones, the achieved ratio is within the tolerance, the rank plan
 checked before loading predicts it exactly (where the plan needs only shapes), and the saved model
-loads to the very same perplexities. A newly registered method is picked up here without edits.
+loads to the very same perplexities and the very same logits as the model the run compressed. The
+methods come from the registry, so a newly registered method is picked up here without edits.
 """
 
 from __future__ import annotations
 
 import pytest
-from conftest import compose_config, tiny_run_overrides
+import torch
+from conftest import TINY_VOCAB, compose_config, tiny_run_overrides
 
 import basis_sharing.methods  # noqa: F401  (registers every method)
 from basis_sharing import pipeline
 from basis_sharing.methods.registry import METHODS
+from basis_sharing.models.compressed_io import load_compressed
 
 RATIO, TOLERANCE = 0.3, 0.05  # rank rounding on 64-wide matrices needs the wider tolerance
 COMPRESSING = sorted(name for name, cls in METHODS.items() if cls.compresses)
 EXTRA = {"asvd": ["method.sensitivity_samples=1", "method.candidate_ratios=[0.5,0.8]"]}
+# The fixed batch the logits are compared on: (2, 24) token ids, within the 64-token context.
+BATCH = torch.randint(0, TINY_VOCAB, (2, 24), generator=torch.Generator().manual_seed(10))
 
 
 def test_every_compressing_method_is_covered():
@@ -24,8 +29,26 @@ def test_every_compressing_method_is_covered():
     assert "dense" not in COMPRESSING and "none" not in COMPRESSING
 
 
+def capture_compressed(monkeypatch, cls: type) -> list:
+    """The models ``cls.compress`` returns from, as the run compressed them (in place)."""
+    compress, models = cls.compress, []
+
+    def spy(self, model, family, ctx):
+        info = compress(self, model, family, ctx)
+        models.append(model)
+        return info
+
+    monkeypatch.setattr(cls, "compress", spy)
+    return models
+
+
+@torch.no_grad()
+def logits(model) -> torch.Tensor:
+    return model.eval()(BATCH).logits
+
+
 @pytest.mark.parametrize("method", COMPRESSING)
-def test_method_contract(method, tiny_model_dir, tiny_mirror, tmp_path):
+def test_method_contract(method, tiny_model_dir, tiny_mirror, tmp_path, monkeypatch):
     common = tiny_run_overrides(
         tiny_model_dir,
         tiny_mirror,
@@ -39,6 +62,7 @@ def test_method_contract(method, tiny_model_dir, tiny_mirror, tmp_path):
     )
     common = [o for o in common if o != "method=dense"]
     cfg = compose_config(*common, f"method={method}", "save_model=true", *EXTRA.get(method, []))
+    compressed = capture_compressed(monkeypatch, METHODS[method])
     saved = pipeline.run(cfg, out_dir=tmp_path / "save")
     params = saved["params"]
     assert params["planned_decoder_projections"] == params["decoder_projections"]
@@ -53,3 +77,7 @@ def test_method_contract(method, tiny_model_dir, tiny_mirror, tmp_path):
     )
     assert loaded["params"]["decoder_projections"] == params["decoder_projections"]
     assert loaded["metrics"]["perplexity"] == saved["metrics"]["perplexity"]
+    # Bit for bit: the saved model computes exactly what the compressed one did.
+    (model,) = compressed
+    reloaded = load_compressed(saved["saved_model"]).model
+    assert torch.equal(logits(reloaded), logits(model))
