@@ -69,6 +69,7 @@ EXPECTED = {
 @pytest.fixture(autouse=True)
 def hydra_dir():
     import basis_sharing.config  # noqa: F401  (schemas and resolvers)
+    import basis_sharing.methods  # noqa: F401  (every method's schema)
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
