@@ -19,9 +19,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from basis_sharing.errors import ConfigError
+from basis_sharing.errors import ConfigError, unknown_choice
+from basis_sharing.threads import check_threads
 
 TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64")
+GRAM_DTYPES = ("float32", "float64")  # accumulation dtypes of the calibration Grams
 
 
 @dataclass
@@ -31,6 +33,7 @@ class ModelConfig:
     Exactly one source is used, first match wins: ``local_path`` (a directory written by
     ``save_pretrained``), ``gguf_package`` (a GGUF file shipped inside an installed Python package),
     else ``hf_id`` on the Hugging Face hub (``revision`` pins a branch, tag or commit).
+    The defaults below are written only here: a ``conf/model/*.yaml`` lists what differs.
     """
 
     name: str = MISSING
@@ -45,10 +48,23 @@ class ModelConfig:
     calib_batch_size: int = 16
     eval_batch_size: int = 1
 
+    @staticmethod
+    def check(node: DictConfig) -> None:
+        if node.dtype not in TORCH_DTYPES:
+            raise unknown_choice("model.dtype", node.dtype, list(TORCH_DTYPES))
+        if node.context_length < 2:
+            raise ConfigError(f"model.context_length={node.context_length} must be >= 2.")
+        _at_least(1, {"model.eval_batch_size": node.eval_batch_size})
+        _at_least(1, {"model.calib_batch_size": node.calib_batch_size})
+
 
 @dataclass
 class CalibrationConfig:
-    """Which text the calibration statistics are computed on (docs/methods.md §2.1)."""
+    """Which text the calibration statistics are computed on (docs/methods.md §2.1).
+
+    The paper's setting is the default (256 blocks of 2048 tokens, seed 2023); a
+    ``conf/calibration/*.yaml`` names its dataset and lists only what differs.
+    """
 
     dataset: str | None = None  # None: no calibration set configured
     split: str = "train"
@@ -56,6 +72,17 @@ class CalibrationConfig:
     seq_len: int = 2048
     seed: int = 2023
     gram_dtype: str = "float32"  # accumulation dtype of X^T X: float32 (paper) or float64
+
+    @staticmethod
+    def check(node: DictConfig) -> None:
+        if node.gram_dtype not in GRAM_DTYPES:
+            raise ConfigError(
+                f"calibration.gram_dtype={node.gram_dtype!r}: use float32 (the paper) or float64."
+            )
+        if node.n_samples < 1:
+            raise ConfigError(f"calibration.n_samples={node.n_samples} must be >= 1.")
+        if node.seq_len < 2:
+            raise ConfigError(f"calibration.seq_len={node.seq_len} must be >= 2 tokens.")
 
 
 # The paper's seven zero-shot tasks (lm-eval names), in its Table 1 column order: the one list
@@ -80,6 +107,27 @@ class ZeroShotConfig:
     batch_size: int = 32  # set on HFLM (simple_evaluate ignores it for an in-memory model)
     max_length: int | None = None  # None: model.context_length
 
+    @staticmethod
+    def check(node: DictConfig) -> None:
+        for name in node.tasks:
+            if name not in PAPER_ZEROSHOT_TASKS:
+                raise unknown_choice(
+                    "zero-shot task (eval.zeroshot.tasks)", name, list(PAPER_ZEROSHOT_TASKS)
+                )
+        limit = node.limit
+        if limit is not None and (limit <= 0 or (limit > 1 and limit != int(limit))):
+            raise ConfigError(
+                f"eval.zeroshot.limit={limit}: use a document count >= 1, a fraction in (0, 1], "
+                "or null for every document."
+            )
+        _at_least(
+            1,
+            {
+                "eval.zeroshot.batch_size": node.batch_size,
+                "eval.zeroshot.max_length": node.max_length,
+            },
+        )
+
 
 @dataclass
 class ThroughputConfig:
@@ -96,6 +144,14 @@ class ThroughputConfig:
     new_tokens: int = 128
     runs: int = 3
 
+    @staticmethod
+    def check(node: DictConfig) -> None:
+        keys = ("seq_len", "batch_size", "max_batches", "prompt_tokens", "new_tokens", "runs")
+        _at_least(1, {f"eval.throughput.{k}": node[k] for k in keys})
+        _at_least(0, {"eval.throughput.warmup": node.warmup})
+        if not 0.0 < node.fraction <= 1.0:
+            raise ConfigError(f"eval.throughput.fraction={node.fraction} must be in (0, 1].")
+
 
 @dataclass
 class GenerationConfig:
@@ -103,6 +159,10 @@ class GenerationConfig:
 
     prompts: list[str] = field(default_factory=list)
     max_new_tokens: int = 32
+
+    @staticmethod
+    def check(node: DictConfig) -> None:
+        _at_least(1, {"eval.generation.max_new_tokens": node.max_new_tokens})
 
 
 @dataclass
@@ -115,6 +175,16 @@ class EvalConfig:
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     throughput: ThroughputConfig = field(default_factory=ThroughputConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    @staticmethod
+    def check(node: DictConfig) -> None:
+        # Dataset names are checked against the evaluation's registry (preflight.validate).
+        if node.max_windows is not None and node.max_windows < 1:
+            raise ConfigError(f"eval.max_windows={node.max_windows} must be >= 1 or null.")
+        _at_least(1, {"eval.batch_size": node.batch_size})
+        ZeroShotConfig.check(node.zeroshot)
+        ThroughputConfig.check(node.throughput)
+        GenerationConfig.check(node.generation)
 
 
 @dataclass
@@ -167,6 +237,7 @@ class WandbLoggerConfig(LoggerConfig):
 class Config:
     model: ModelConfig = MISSING
     method: Any = MISSING
+    runtime: Any = MISSING
     calibration: CalibrationConfig = MISSING
     finetune: Any = MISSING
     eval: EvalConfig = MISSING
@@ -183,6 +254,32 @@ class Config:
     load_model: str | None = None  # evaluate a saved compressed model (with method=none)
     force: bool = False  # recompute even when the job's output dir holds a completed run of it
     experiment_name: str | None = None  # set by conf/experiment/*.yaml; the W&B group
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        """The run's own ranges, then each group's (an option schema's ``check``, if it has one)."""
+        check_threads(cfg.threads)
+        if not 0.0 < cfg.ratio < 1.0:
+            raise ConfigError(
+                f"ratio={cfg.ratio} is outside (0, 1): it is the fraction of decoder-projection "
+                "weights removed, e.g. ratio=0.2 keeps 80%."
+            )
+        if cfg.ratio_tolerance < 0:
+            raise ConfigError(f"ratio_tolerance={cfg.ratio_tolerance} must be >= 0.")
+        ModelConfig.check(cfg.model)
+        CalibrationConfig.check(cfg.calibration)
+        EvalConfig.check(cfg.eval)
+        for group, options in OPTION_SCHEMAS.items():
+            schema = options.get(cfg[group].name)
+            if hasattr(schema, "check"):
+                schema.check(cfg[group])
+
+
+def _at_least(low: int, values: dict[str, Any]) -> None:
+    """Refuse any of ``values`` (dotted key -> value; None means unset) below ``low``."""
+    for key, value in values.items():
+        if value is not None and value < low:
+            raise ConfigError(f"{key}={value} must be >= {low}.")
 
 
 # Schemas of the options of groups whose options differ. The method group's are registered by
@@ -210,6 +307,12 @@ def register_option_schema(group: str, option: str, schema: type) -> None:
     options[option] = schema
     if _REGISTERED:
         ConfigStore.instance().store(group=f"schema/{group}", name=option, node=schema)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """The composed config against the schemas, then every group's range checks."""
+    check_schema(cfg)
+    Config.check(cfg)
 
 
 def check_schema(cfg: DictConfig) -> None:

@@ -66,9 +66,10 @@ def no_model_load(monkeypatch):
     def refuse(*_args, **_kwargs):
         pytest.fail("the model was loaded before the bad input was refused")
 
-    import basis_sharing.pipeline
+    from basis_sharing.stages import load, prepare
 
-    monkeypatch.setattr(basis_sharing.pipeline, "load_model", refuse)
+    monkeypatch.setattr(prepare, "load_model", refuse)  # a base model's weights
+    monkeypatch.setattr(load, "load_compressed", refuse)  # a saved compressed model's
 
 
 def synthetic_lines(n: int, seed: int) -> list[str]:

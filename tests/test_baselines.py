@@ -196,7 +196,7 @@ def test_asvd_sensitivity_is_measured_once_per_sweep(monkeypatch):
         model, family = tiny("llama")
         c = ctx(ratio, scale=fake_scales(model, family))
         c.calibration_ids, c.calib_batch_size = ids, 2
-        c.extras["cache_key"] = "sweep"
+        c.stats_key = "sweep"
         c.caches = caches
         info = build(ASVD, ASVDMethodConfig, sensitivity_samples=2).compress(model, family, c)
         ranks.append(info["planned_params"]["kept"])

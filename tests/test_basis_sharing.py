@@ -196,5 +196,5 @@ def _ctx(stats, ratio: float = 0.3, key: str | None = None, caches: SweepCaches 
 
     ctx = CompressionContext(ratio=ratio, device=CPU, stats={"gram": stats}, caches=caches)
     if key is not None:
-        ctx.extras["cache_key"] = key
+        ctx.stats_key = key
     return ctx

@@ -51,7 +51,7 @@ def setup(method_cls, schema, family_name="llama", **kw):
     ctx = CompressionContext(
         ratio=0.5, device=CPU, calibration_ids=ids, calib_batch_size=4, stats={"gram": stats}
     )
-    ctx.extras["gram_dtype"] = F64
+    ctx.gram_dtype = F64
     return model, family, method_cls(cfg), ctx
 
 

@@ -109,6 +109,8 @@ class ASVD(FactorizedMethod):
     label = "ASVD"
     stats_needed = frozenset({"scale"})
     supports_sequential = False
+    # The last sensitivity search's perplexities, from plan() to compress()'s record.
+    sensitivity_ppl: dict | None = None
 
     def scaling(
         self, plan: GroupPlan, family: FamilyAdapter, stats: dict[str, Any], device: torch.device
@@ -163,7 +165,7 @@ class ASVD(FactorizedMethod):
             table = self.cached_sensitivity(model, family, shapes, ctx)
             target = math.floor((1.0 - ctx.ratio) * sum(a * b for a, b in shapes.values()))
             kept = choose_threshold(table, shapes, target)
-            ctx.extras["asvd_sensitivity"] = {f"{i}.{k}": row for (i, k), row in table.items()}
+            self.sensitivity_ppl = {f"{i}.{k}": row for (i, k), row in table.items()}
         else:
             raise ConfigError(
                 f"method.allocation={self.cfg.allocation!r}: use sensitivity or uniform."
@@ -179,7 +181,7 @@ class ASVD(FactorizedMethod):
     def compress(self, model: nn.Module, family: FamilyAdapter, ctx: CompressionContext) -> dict:
         info = super().compress(model, family, ctx)
         info["allocation"] = self.cfg.allocation
-        info["sensitivity_ppl"] = ctx.extras.pop("asvd_sensitivity", None)
+        info["sensitivity_ppl"], self.sensitivity_ppl = self.sensitivity_ppl, None
         return info
 
     def cached_sensitivity(self, model, family, shapes, ctx):
@@ -188,7 +190,7 @@ class ASVD(FactorizedMethod):
         It does not depend on the target ratio, so the jobs of a ratio sweep share it through
         the sweep's caches (``ctx.caches``) when the run has them and a statistics key.
         """
-        run_key = ctx.extras.get("cache_key")
+        run_key = ctx.stats_key
         if run_key is None or ctx.caches is None:
             return self.sensitivity(model, family, shapes, ctx)
         key = (

@@ -157,7 +157,7 @@ class FactorizedMethod(CompressionMethod):
             weights = [family.weight(layers[i], plan.kind).detach().to(device) for i in plan.layers]
             return decompose_shared(weights, S, shift)
 
-        run_key = ctx.extras.get("cache_key")
+        run_key = ctx.stats_key
         if run_key is None or ctx.caches is None:
             return compute()
         key = (run_key, self.name, self.cache_tag(), plan.kind, plan.layers)

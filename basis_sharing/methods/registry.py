@@ -11,7 +11,7 @@ any heavy work starts (``needs_calibration``) and then calls ``compress`` once o
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, is_dataclass
+from dataclasses import dataclass, is_dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -40,9 +40,15 @@ class CompressionContext:
     calibration_ids: torch.Tensor | None = None  # (n_samples, seq_len)
     stats: Any = None  # calibration statistics (GramStats) when the method needs them
     calib_batch_size: int = 1
-    extras: dict[str, Any] = field(default_factory=dict)
+    # Key of the whole calibration setup (model, tokens, Gram dtype); with ``caches``, the key
+    # under which decompositions and sensitivities are reused by the jobs of a sweep.
+    stats_key: str | None = None
+    gram_dtype: torch.dtype = torch.float32  # accumulation dtype of Grams the method collects
     # Reused across the jobs of a sweep (owned by whoever runs the jobs); None: compute afresh.
     caches: SweepCaches | None = None
+    # runtime.BlockRunner of runtime=sequential (weights on the CPU, one block on the device at a
+    # time); None: runtime=full, the whole model on ``device``.
+    runner: Any = None
 
 
 class CompressionMethod:
