@@ -43,7 +43,7 @@ def validate(cfg: DictConfig) -> Plan:
         check_model_dir(Path(cfg.model.local_path).expanduser(), "model.local_path")
     if method.needs_calibration:
         check_calibration_source(cfg)
-    finetuner = get_finetuner(cfg.finetune)
+    finetuner = get_finetuner(cfg.finetune, cfg)
     return Plan(method=method, device=resolve_device(cfg.device), finetuner=finetuner)
 
 

@@ -35,6 +35,7 @@ def compose_config(*overrides: str):
     from hydra.core.global_hydra import GlobalHydra
 
     import basis_sharing.config  # noqa: F401  (registers the schemas and resolvers)
+    import basis_sharing.finetune  # noqa: F401  (registers the fine-tuners' schemas)
     import basis_sharing.methods  # noqa: F401  (registers every method and its config schema)
 
     GlobalHydra.instance().clear()

@@ -14,6 +14,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
+import basis_sharing.finetune  # noqa: F401  (registers the fine-tuners' schemas)
 import basis_sharing.methods  # noqa: F401  (registers every method and its config schema)
 from basis_sharing.config import PAPER_ZEROSHOT_TASKS, ZeroShotConfig, check_schema
 from basis_sharing.errors import ConfigError

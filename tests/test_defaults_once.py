@@ -16,6 +16,7 @@ import yaml
 from conftest import REPO, compose_config
 from omegaconf import OmegaConf
 
+import basis_sharing.finetune  # noqa: F401  (registers the fine-tuners' schemas)
 import basis_sharing.methods  # noqa: F401  (registers the methods' schemas)
 from basis_sharing import config
 from basis_sharing.errors import ConfigError

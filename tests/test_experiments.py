@@ -54,6 +54,16 @@ EXPECTED = {
         {"finetune": "full", "method.group_size": "2,4,8,16,32", "ratio": RATIOS},
         {"model.name": "llama7b", "method.name": "basis_sharing"},
     ),
+    "finetune_smollm": (
+        {"ratio": "0.2,0.5"},
+        {
+            "model.name": "smollm2_135m",
+            "method.name": "basis_sharing",
+            "finetune.name": "lora",
+            "finetune.train_split": "validation",
+            "eval.max_windows": 16,
+        },
+    ),
     "table_smollm": (
         {"method": METHODS, "ratio": RATIOS},
         {
@@ -69,6 +79,7 @@ EXPECTED = {
 @pytest.fixture(autouse=True)
 def hydra_dir():
     import basis_sharing.config  # noqa: F401  (schemas and resolvers)
+    import basis_sharing.finetune  # noqa: F401  (the fine-tuners' schemas)
     import basis_sharing.methods  # noqa: F401  (every method's schema)
 
     GlobalHydra.instance().clear()

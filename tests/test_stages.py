@@ -81,8 +81,8 @@ def test_finetune_none_has_no_stage_and_a_finetuner_has_its_slot():
 
 
 def test_an_unknown_finetuner_is_refused_with_the_valid_names():
-    with pytest.raises(ConfigError, match=r"Unknown fine-tuner \(finetune\) 'lora'.*none"):
-        finetune_registry.get_finetuner(OmegaConf.create({"name": "lora"}))
+    with pytest.raises(ConfigError, match=r"Unknown fine-tuner \(finetune\) 'qlora'.*none"):
+        finetune_registry.get_finetuner(OmegaConf.create({"name": "qlora"}))
 
 
 @dataclass

@@ -33,18 +33,27 @@ class FinetuneContext:
     data_dir: str  # the data mirror
     offline: bool
     seed: int
+    context_length: int = 2048  # model.context_length: the training blocks' default length
+    fingerprint: str = ""  # the run's config fingerprint: an epoch checkpoint must match it
 
 
 class Finetuner:
     """Base class: trains a compressed model in place and returns facts for the run record."""
 
     name: ClassVar[str] = ""
+    schema: ClassVar[type] = object  # its settings' dataclass, set by register_finetuner
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
 
     def check_config(self) -> None:
         """Refuse settings that are wrong whatever the model; runs before any data is read."""
+
+    def check_run(self, run_cfg: Any) -> None:
+        """Refuse what the rest of the run's config makes wrong (its data, its model's context).
+
+        Runs during validation, before any model is loaded, with the whole composed config.
+        """
 
     def finetune(self, model: nn.Module, family: FamilyAdapter, ctx: FinetuneContext) -> dict:
         raise NotImplementedError
@@ -60,6 +69,7 @@ def register_finetuner(name: str, schema: type) -> Callable[[type[Finetuner]], t
         if name in FINETUNERS or name == NO_FINETUNE:
             raise ValueError(f"fine-tuner '{name}' registered twice")
         cls.name = name
+        cls.schema = schema
         FINETUNERS[name] = cls
         register_option_schema("finetune", name, schema)
         return cls
@@ -67,12 +77,18 @@ def register_finetuner(name: str, schema: type) -> Callable[[type[Finetuner]], t
     return wrap
 
 
-def get_finetuner(cfg: Any) -> Finetuner | None:
-    """The fine-tuner named by ``cfg.name``; None for ``finetune=none``."""
+def get_finetuner(cfg: Any, run_cfg: Any = None) -> Finetuner | None:
+    """The fine-tuner named by ``cfg.name``; None for ``finetune=none``.
+
+    With ``run_cfg`` (the whole composed config, as validation passes it) its ``check_run`` runs
+    too.
+    """
     if cfg.name == NO_FINETUNE:
         return None
     if cfg.name not in FINETUNERS:
         raise unknown_choice("fine-tuner (finetune)", cfg.name, [NO_FINETUNE, *FINETUNERS])
     finetuner = FINETUNERS[cfg.name](cfg)
     finetuner.check_config()
+    if run_cfg is not None:
+        finetuner.check_run(run_cfg)
     return finetuner
