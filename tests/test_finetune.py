@@ -422,3 +422,39 @@ def test_the_finetune_stage_merges_saves_and_reloads(tiny_model_dir, tiny_mirror
     )
     assert loaded["metrics"]["perplexity"] == record["metrics"]["perplexity"]
     assert loaded["params"]["decoder_projections"] == record["params"]["decoder_projections"]
+
+
+def test_the_finetune_section_is_validated_and_its_losses_go_to_wandb_as_series():
+    from basis_sharing.tracking.schema import FinetuneSummary, _check_object
+    from basis_sharing.tracking.wandb_logger import log_finetune_series
+
+    section = {
+        "name": "lora",
+        "steps": [1, 2, 3],
+        "train_loss": [3.0, 2.5, 2.25],
+        "eval_loss": [2.4],
+    }
+    problems: list[str] = []
+    _check_object({**section, "train_loss": "low"}, FinetuneSummary, "finetune", problems)
+    assert problems == ["finetune.train_loss: expected array, got string"]
+
+    class Run:
+        def __init__(self):
+            self.rows, self.metrics = [], {}
+
+        def log(self, row):
+            self.rows.append(row)
+
+        def define_metric(self, name, step_metric=None):
+            self.metrics[name] = step_metric
+
+    run = Run()
+    log_finetune_series(run, {"finetune": section})
+    assert run.rows == [
+        {"finetune.step": 1, "finetune.train_loss": 3.0},
+        {"finetune.step": 2, "finetune.train_loss": 2.5},
+        {"finetune.step": 3, "finetune.train_loss": 2.25},
+        {"finetune.epoch": 1, "finetune.eval_loss": 2.4},
+    ]
+    assert run.metrics["finetune.train_loss"] == "finetune.step"
+    assert run.metrics["finetune.eval_loss"] == "finetune.epoch"

@@ -1,4 +1,4 @@
-"""Training and evaluation blocks for fine-tuning after compression (docs/methods.md §8.3).
+"""Training and evaluation blocks for fine-tuning after compression (docs/methods.md §6.3).
 
 A split's rows are joined with "\\n\\n" and tokenized once (as for calibration, §2.1), then cut
 into consecutive non-overlapping blocks of ``block_len`` tokens; the remainder is dropped. When

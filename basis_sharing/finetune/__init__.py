@@ -2,7 +2,7 @@
 
 ``finetune=none`` is no fine-tuner at all: the run's stage list has no finetune stage.
 ``finetune=lora`` (PEFT LoRA, merged back) and ``finetune=full`` (every parameter) are registered
-by importing their modules here (docs/methods.md §8).
+by importing their modules here (docs/methods.md §6).
 """
 
 from basis_sharing.finetune import full, lora  # noqa: F401  (register the fine-tuners)

@@ -1,6 +1,6 @@
 """What LoRA and full fine-tuning share: the training settings, data, loop and record.
 
-The settings' defaults are the paper's (docs/methods.md §8.2): a fine-tuner's schema subclasses
+The settings' defaults are the paper's (docs/methods.md §6.2): a fine-tuner's schema subclasses
 ``TrainingConfig`` and changes only what differs. A ``TrainingFinetuner`` reads its training and
 evaluation blocks through the data layer, prepares the model (``prepare``: what is trained),
 runs the epoch loop (``loop.train``) and ends (``finish``: LoRA merges its adapters back).
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainingConfig(FinetuneConfig):
-    """Training settings both fine-tuners have; defaults are the paper's LoRA run (§8.2)."""
+    """Training settings both fine-tuners have; defaults are the paper's LoRA run (§6.2)."""
 
     dataset: str = "wikitext2"
     train_split: str = "train"  # the paper's; the offline mirror has none (lora_cpu: validation)

@@ -1,4 +1,4 @@
-"""``finetune=full``: every parameter of the compressed model trained (docs/methods.md §8.2-§8.3).
+"""``finetune=full``: every parameter of the compressed model trained (docs/methods.md §6.2-§6.3).
 
 ``model.parameters()`` lists a shared basis once (it is registered once, in
 ``model.shared_bases``), so it is one tensor with one optimizer state, whose gradient sums the
@@ -20,7 +20,7 @@ from basis_sharing.modules import SHARED_BASES, SharedBasisLinear
 
 @dataclass
 class FullFinetuneConfig(TrainingConfig):
-    """The paper's full fine-tuning (Table 8; §8.2): lr 2e-6, accumulation 8, 3 epochs."""
+    """The paper's full fine-tuning (Table 8; §6.2): lr 2e-6, accumulation 8, 3 epochs."""
 
     epochs: int = 3
     lr: float = 2e-6

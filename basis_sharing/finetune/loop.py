@@ -1,4 +1,4 @@
-"""The fine-tuning loop: the Hugging Face Trainer, one epoch at a time (docs/methods.md §8.3).
+"""The fine-tuning loop: the Hugging Face Trainer, one epoch at a time (docs/methods.md §6.3).
 
 Why an epoch loop around ``Trainer.train`` rather than one ``train()`` over every epoch: the
 Trainer's own checkpoints pickle the optimizer, scheduler and RNG states (``torch.save``), which

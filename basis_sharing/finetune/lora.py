@@ -1,4 +1,4 @@
-"""``finetune=lora``: PEFT LoRA on the compressed model, merged back (docs/methods.md §8.1-§8.3).
+"""``finetune=lora``: PEFT LoRA on the compressed model, merged back (docs/methods.md §6.1-§6.3).
 
 The adapters sit on the modules ``finetune.targets`` selects (``finetune/targets.py``). A shared
 basis is one module in ``model.shared_bases``: PEFT replaces it there by one LoRA layer, which
@@ -33,7 +33,7 @@ ADAPTER_DIR = "adapter"  # <run dir>/finetune/adapter with finetune.save_adapter
 
 @dataclass
 class LoraFinetuneConfig(TrainingConfig):
-    """PEFT LoRA with the paper's settings (r 8, alpha 32, lr 1e-4, 2 epochs; §8.2)."""
+    """PEFT LoRA with the paper's settings (r 8, alpha 32, lr 1e-4, 2 epochs; §6.2)."""
 
     r: int = 8
     alpha: float = 32.0

@@ -1,4 +1,4 @@
-"""Which modules of a compressed model a LoRA adapter is put on (docs/methods.md §8.1).
+"""Which modules of a compressed model a LoRA adapter is put on (docs/methods.md §6.1).
 
 Every candidate is a plain ``nn.Linear`` (or GPT-2 ``Conv1D``) reached by exactly one name:
 

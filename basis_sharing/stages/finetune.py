@@ -4,7 +4,7 @@ It is in the stage list only when ``finetune`` names a fine-tuner (``finetune=no
 between compress and save, so a saved model and every evaluation see the trained weights. Its
 facts go to the record's ``finetune`` section; the parameter report is taken again afterwards and
 must equal the one before (a LoRA adapter is merged into the factors it sits on, full
-fine-tuning trains the tensors in place), so the achieved ratio is unchanged (docs/methods.md §8).
+fine-tuning trains the tensors in place), so the achieved ratio is unchanged (docs/methods.md §6).
 """
 
 from __future__ import annotations

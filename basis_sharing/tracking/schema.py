@@ -309,6 +309,32 @@ class MethodInfo(TypedDict, total=False):
     private_by_gqa_rule: list[str]
 
 
+class FinetuneSummary(TypedDict, total=False):
+    """``finetune``: what the fine-tuner did (docs/methods.md §6.4); a fine-tuner may add keys."""
+
+    name: str
+    targets: str | list[str]  # LoRA: the finetune.targets choice or patterns
+    adapters: dict[str, Any]  # LoRA: count, by_role, by_kind, shared_bases, modules
+    shared_bases: int  # full: shared bases trained, each as one tensor
+    adapter_dir: str  # LoRA with save_adapter: the adapter in PEFT's format
+    data: dict[str, dict[str, Any]]  # train / eval: dataset, split, source, blocks, block_len
+    precision: Literal["bf16", "fp32"]
+    trainable_params: int
+    params_before: int
+    params_after: int
+    epochs: int
+    steps: list[int]  # the global optimizer step of each train_loss
+    train_loss: list[float]  # per optimizer step
+    eval_loss: list[float]  # per epoch
+    best_epoch: int | None  # 1-based; the weights kept
+    tokens_seen: int
+    resumed_from_epoch: int | None  # a resumed run: the epochs its checkpoint had done
+    train_wall_s: float
+    wall_s: float
+    peak_rss_mb: float  # the process's peak
+    cuda_peak_mb: float
+
+
 class GenerationSample(TypedDict):
     prompt: str
     completion: str
@@ -350,7 +376,7 @@ class RecordData(_RecordRequired, total=False):
     loaded_compression: dict[str, Any]
     saved_model: str
     generation_samples: list[GenerationSample]
-    finetune: dict[str, Any]  # what the fine-tuner reports (finetune stage)
+    finetune: FinetuneSummary  # what the fine-tuner reports (finetune stage)
 
 
 TOP_LEVEL_KEYS = tuple(get_type_hints(RecordData))

@@ -7,7 +7,8 @@ it while the job runs, so a dashboard shows perplexities and stage timings as th
 - every write of the run record: each scalar of the tracked sections, under its dotted path in
   results.json (``metrics.perplexity.wikitext2.ppl``, ``stages.compress.wall_s``), is logged once
   when it first appears or changes; numbers go to history and summary, text only to the summary;
-- at the end: a table of the per-group ranks and parameters and a ``run-record`` artifact holding
+- at the end: the fine-tuning losses as series (per optimizer step and per epoch), a table of
+  the per-group ranks and parameters and a ``run-record`` artifact holding
   results.json and the resolved config.
 
 ``wandb`` is imported only when a run starts (a heavy import that ``logger=none`` never pays).
@@ -49,10 +50,13 @@ TRACKED_SECTIONS = (
     Key.METHOD_INFO,
     Key.METRICS,
     Key.STAGES,
+    Key.FINETUNE,
     Key.ERROR,
 )
 GROUPS_TABLE_KEY = schema.dotted(Key.METHOD_INFO, schema.GROUPS)
 GROUPS_TABLE_COLUMNS = ("kind", "group", "layers", "d_in", "d_out", "rank", "params")
+FINETUNE_STEP = schema.dotted(Key.FINETUNE, "step")
+FINETUNE_EPOCH = schema.dotted(Key.FINETUNE, "epoch")
 ARTIFACT_TYPE = "run-record"
 CONFIG_FILE = "config.yaml"
 MAX_TAG_CHARS = 64  # W&B rejects longer tags
@@ -111,6 +115,36 @@ def run_name(record: dict[str, Any]) -> str:
     ratio = record.get(Key.TARGET_RATIO)
     name = f"{record[Key.CONFIG]['model']['name']}-{record[Key.METHOD]}"
     return name if ratio is None else f"{name}-r{ratio:g}"
+
+
+def finetune_series(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The fine-tuning losses as W&B history rows: one per optimizer step, one per epoch.
+
+    ``finetune.train_loss`` is charted against ``finetune.step`` and ``finetune.eval_loss``
+    against ``finetune.epoch`` (the lists that ``flatten`` leaves out of the record mirror).
+    """
+    ft = schema.section(record, Key.FINETUNE)
+    rows: list[dict[str, Any]] = [
+        {FINETUNE_STEP: step, f"{Key.FINETUNE}.train_loss": loss}
+        for step, loss in zip(ft.get("steps") or [], ft.get("train_loss") or [], strict=True)
+    ]
+    rows += [
+        {FINETUNE_EPOCH: epoch, f"{Key.FINETUNE}.eval_loss": loss}
+        for epoch, loss in enumerate(ft.get("eval_loss") or [], start=1)
+    ]
+    return rows
+
+
+def log_finetune_series(run: Run, record: dict[str, Any]) -> None:
+    rows = finetune_series(record)
+    if not rows:
+        return
+    run.define_metric(FINETUNE_STEP)
+    run.define_metric(FINETUNE_EPOCH)
+    run.define_metric(f"{Key.FINETUNE}.train_loss", step_metric=FINETUNE_STEP)
+    run.define_metric(f"{Key.FINETUNE}.eval_loss", step_metric=FINETUNE_EPOCH)
+    for row in rows:
+        run.log(row)
 
 
 def group_rows(groups: list[dict[str, Any]]) -> list[list[Any]]:
@@ -261,6 +295,7 @@ class WandbLogger(RunLogger):
 
     def _log_outputs(self, wandb, run: Run, record: RunRecord) -> None:
         """The ranks table and the run-record artifact (results.json + resolved config)."""
+        log_finetune_series(run, record.data)
         groups = schema.groups(record.data)
         if groups:
             table = wandb.Table(columns=list(GROUPS_TABLE_COLUMNS), data=group_rows(groups))
