@@ -274,7 +274,14 @@ TABLE5 = TableSpec(
 )
 
 
-def group_size_table(name: str, title: str, table: str, finetune: str, sizes: tuple[int, ...]):
+def group_size_table(
+    name: str,
+    title: str,
+    table: str,
+    finetune: str,
+    sizes: tuple[int, ...],
+    notes: tuple[str, ...] = (),
+):
     """Group size n (rows) x ratio (columns), WikiText-2 perplexity (Tables 6-8)."""
     rows = tuple(
         Row(
@@ -305,7 +312,7 @@ def group_size_table(name: str, title: str, table: str, finetune: str, sizes: tu
         command=f"python run.py experiment={name} -m",
         group_label="",
         row_label="Group size",
-        notes=("n = 1 shares nothing: it is SVD-LLM.",),
+        notes=(("n = 1 shares nothing: it is SVD-LLM.",) if 1 in sizes else ()) + notes,
     )
 
 
@@ -319,6 +326,11 @@ TABLE7 = group_size_table(
     "7",
     "lora",
     ALL_SIZES,
+    notes=(
+        "Runs with finetune=lora: PEFT LoRA r = 8, alpha = 32 on the q and v coefficients "
+        "(finetune.targets=paper), 2 epochs on WikiText-2 train, merged back "
+        "(docs/methods.md §6).",
+    ),
 )
 TABLE8 = group_size_table(
     "table8",
@@ -326,6 +338,10 @@ TABLE8 = group_size_table(
     "8",
     "full",
     (2, 4, 8, 16, 32),
+    notes=(
+        "Runs with finetune=full: every parameter trained, lr 2e-6, gradient accumulation 8, "
+        "3 epochs on WikiText-2 train (docs/methods.md §6).",
+    ),
 )
 
 
