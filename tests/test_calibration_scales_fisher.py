@@ -14,12 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from basis_sharing.calibration import load_or_collect, read_stats, save_stats
 from basis_sharing.calibration.cache import (
     FORMAT_VERSION,
     StatsCacheError,
-    load_or_collect,
-    read_stats,
-    save_stats,
     stats_key,
     stats_path,
 )
@@ -457,3 +455,48 @@ def test_a_gram_file_written_before_stat_names_still_loads(tmp_path):
 
     loaded, hit = load_or_collect(tmp_path, "old", lambda: pytest.fail("should be a hit"))
     assert hit and all(torch.equal(loaded.grams[k], grams[k]) for k in grams)
+
+
+def _legacy_gram_file(path, grams: dict, tokens: int, key: str) -> None:
+    """A Gram file exactly as the writer before the shared format produced it."""
+    entries = sorted(grams)
+    tensors = {f"L{i}.{name}": grams[(i, name)].contiguous() for i, name in entries}
+    digest = hashlib.sha256()
+    for tensor in tensors.values():
+        digest.update(tensor.view(-1).view(torch.uint8).numpy())
+    metadata = {
+        "format": "pt",
+        "key": key,
+        "format_version": str(FORMAT_VERSION),
+        "tokens": str(tokens),
+        "dtype": "float32",
+        "entries": json.dumps([[i, name] for i, name in entries]),
+        "sha256": digest.hexdigest(),
+        "meta": "{}",
+        "stat": "grams",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_a_gram_file_of_the_earlier_layout_is_still_a_verified_hit(tmp_path, caplog):
+    grams = {(0, ATTN_IN): torch.eye(4), (1, ATTN_IN): 3 * torch.eye(4)}
+    path = stats_path(tmp_path, "legacy")
+    _legacy_gram_file(path, grams, 12, "legacy")
+    loaded, hit = load_or_collect(tmp_path, "legacy", lambda: pytest.fail("should be a hit"))
+    assert hit and loaded.tokens == 12 and loaded.dtype == "float32"
+    assert set(loaded.grams) == set(grams)
+    assert all(torch.equal(loaded.grams[k], grams[k]) for k in grams)
+
+    _legacy_gram_file(path, {**grams, (1, ATTN_IN): 4 * torch.eye(4)}, 12, "legacy")
+    with safe_open(str(path), framework="pt") as f:  # the checksum of the earlier content
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["L1.attn_in"] = 3 * torch.eye(4)
+    save_file(tensors, str(path), metadata=meta)
+    fresh = GramStats(grams=grams, tokens=12, dtype="float32")
+    with caplog.at_level(logging.WARNING, logger="basis_sharing.calibration"):
+        _, hit = load_or_collect(tmp_path, "legacy", CountingCollect(fresh))
+    assert not hit and any("sha256" in r.getMessage() for r in caplog.records)
+    with safe_open(str(path), framework="pt") as f:
+        assert "tensors" in f.metadata()  # rewritten in the shared layout

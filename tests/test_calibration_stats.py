@@ -240,11 +240,11 @@ def _missing_tensor(path) -> None:
     stats = _synthetic_stats()
     del stats.grams[(1, "attn_in")]
     save_stats(path, stats, path.stem)
-    # the entry list still names the dropped tensor, as a partly written file would
+    # the tensor list still names the dropped tensor, as a partly written file would
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta["entries"] = '[[0, "attn_in"], [0, "mlp_hidden"], [1, "attn_in"], [1, "mlp_hidden"]]'
+    meta["tensors"] = '["L0.attn_in", "L0.mlp_hidden", "L1.attn_in", "L1.mlp_hidden"]'
     save_file(tensors, str(path), metadata=meta)
 
 

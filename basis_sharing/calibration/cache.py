@@ -1,17 +1,19 @@
 """On-disk cache of calibration statistics: a sweep computes them once (docs/architecture.md §4.2).
 
-A ratio or group-size sweep, or a second method, needs the same Grams: they depend only on the
-model, the calibration tokens and the accumulation dtype, which ``stats_key`` hashes. An entry is
-one safetensors file ``<cache_dir>/stats/<key>.safetensors`` (tensors ``L{layer}.{input}``) whose
-metadata repeats the key, the format version, the token count, the dtype, the entry list, a sha256
-of the tensor bytes and the caller's provenance. A file that fails any check is recomputed and
-overwritten, with a warning: a corrupted cache must never feed a compression silently.
+A ratio or group-size sweep, or a second method, needs the same statistics: they depend only on the
+model, the calibration tokens and a few settings, which ``stats_key`` hashes. Every statistic uses
+one file format: ``<cache_dir>/stats/<key>.safetensors`` holds its named tensors, and the
+metadata repeats the key, the format version and the statistic's name (``stat``), lists the tensors
+in order, stores the statistic's JSON scalars (``fields``: token and batch counts, dtype), a sha256
+over each tensor's name, dtype, shape and bytes, and the caller's provenance (``meta``, unchecked).
 
-Other statistics (ASVD's activation scales, FWSVD's Fisher rows) use the same files, checks and
-hit/miss logic through ``load_or_collect_tensors``: the caller converts its dataclass to named
-tensors plus JSON scalars and back. Their metadata names the statistic (``stat``) and lists the
-tensors; their key hashes the statistic's name and parameters, so no two statistics share a file.
-Gram keys and files are exactly what they were before, so existing caches stay valid.
+A file that fails any check (unreadable, another key, format or statistic, a listed tensor missing,
+a non-finite value, a checksum mismatch, or the statistic's own ``decode`` check) is never used: the
+lookup logs a warning naming the file and the reason, and the caller recomputes and overwrites it.
+Files are published by an atomic rename, so concurrent jobs see a complete file or none.
+
+Gram files written before the format was shared by every statistic (an entry list and a sha256 of
+the bytes alone) are still read and verified, so their keys, unchanged, stay hits.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from basis_sharing.calibration.grams import GramStats, accumulate_dtype_name
+from basis_sharing.errors import ConfigError
 from basis_sharing.files import new_file_mode
 
 if TYPE_CHECKING:
@@ -39,21 +41,40 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-# The ``stat`` name of GramStats files (absent from Gram files written before other stats existed).
+# The ``stat`` name of Gram files (absent from Gram files written before other statistics existed).
 GRAMS = "grams"
+# Half precision would overflow and lose the small eigenvalues the whitening needs (fp32 as in the
+# reference code; fp64 for exact tests or very long calibration runs).
+ACCUMULATE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 
 T = TypeVar("T")
 Fields = dict[str, Any]  # JSON-able scalars stored beside the tensors (token and batch counts)
+Tensors = dict[str, torch.Tensor]
 
 
 class StatsCacheError(Exception):
     """A cache file is unusable; the message says why."""
 
 
+def accumulate_dtype_name(dtype: torch.dtype | str) -> str:
+    """Canonical name ("float32" or "float64") of an accumulation dtype given as dtype or string.
+
+    Raises:
+        ConfigError: any other dtype (half precision is refused, see ACCUMULATE_DTYPES).
+    """
+    name = str(dtype).removeprefix("torch.")
+    if name not in ACCUMULATE_DTYPES:
+        raise ConfigError(
+            f"Unsupported Gram accumulation dtype '{name}'. Valid choices: "
+            f"{', '.join(ACCUMULATE_DTYPES)}."
+        )
+    return name
+
+
 def stats_key(
     model_identity: dict[str, Any],
     calibration_hash: str,
-    accumulate_dtype: str,
+    accumulate_dtype: torch.dtype | str,
     stat: str = GRAMS,
     params: dict[str, Any] | None = None,
 ) -> str:
@@ -85,6 +106,9 @@ def stats_path(cache_dir: Path, key: str) -> Path:
     return Path(cache_dir) / "stats" / f"{key}.safetensors"
 
 
+# ---------------------------------------------------------------- per-(layer, name) tables
+
+
 def tensor_name(layer: int, input: str) -> str:
     return f"L{layer}.{input}"
 
@@ -92,9 +116,7 @@ def tensor_name(layer: int, input: str) -> str:
 _TENSOR_NAME = re.compile(r"L(\d+)\.(.+)")
 
 
-def entry_tensors(
-    entries: dict[tuple[int, str], torch.Tensor], prefix: str = ""
-) -> dict[str, torch.Tensor]:
+def entry_tensors(entries: dict[tuple[int, str], torch.Tensor], prefix: str = "") -> Tensors:
     """(layer, name) -> tensor as ``{prefix}L{layer}.{name}`` -> tensor, in sorted entry order.
 
     The prefix lets one file hold several tables (ASVD's abs_mean and abs_max).
@@ -105,9 +127,7 @@ def entry_tensors(
     }
 
 
-def tensor_entries(
-    tensors: dict[str, torch.Tensor], prefix: str = ""
-) -> dict[tuple[int, str], torch.Tensor]:
+def tensor_entries(tensors: Tensors, prefix: str = "") -> dict[tuple[int, str], torch.Tensor]:
     """Inverse of ``entry_tensors`` for the tensors whose name starts with ``prefix``.
 
     Raises:
@@ -124,23 +144,19 @@ def tensor_entries(
     return entries
 
 
+# ---------------------------------------------------------------- the one file format
+
+
 def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
     """The raw bytes of ``tensor``, whatever its dtype (bfloat16 has no numpy type)."""
     return tensor.contiguous().view(-1).view(torch.uint8).numpy()
 
 
-def _digest(stats: GramStats, entries: list[tuple[int, str]]) -> str:
-    """sha256 of the Gram bytes in entry order: catches corruption that still parses as finite."""
-    digest = hashlib.sha256()
-    for entry in entries:
-        digest.update(_tensor_bytes(stats.grams[entry]))
-    return digest.hexdigest()
-
-
-def _digest_named(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: Tensors) -> str:
     """sha256 over name, dtype, shape and bytes of each tensor in order.
 
-    Unlike the Gram digest it also covers the header, so a flipped dtype or shape is caught too.
+    Covers the header as well as the bytes, so a flipped dtype or shape is caught too, and bytes
+    that still parse as finite numbers.
     """
     digest = hashlib.sha256()
     for name, tensor in tensors.items():
@@ -149,41 +165,51 @@ def _digest_named(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def _write_atomic(path: Path, tensors: Tensors, metadata: dict[str, str]) -> None:
     """Readers see the old file or the complete new one, never a partial write."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
-        os.chmod(
-            tmp, new_file_mode()
-        )  # mkstemp's 0600 would lock other users out of a shared cache
+        # mkstemp's 0600 would lock other users out of a shared cache
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def save_stats(path: Path, stats: GramStats, key: str, meta: dict[str, Any] | None = None) -> None:
-    """Write ``stats`` to ``path`` atomically: readers see the old file or the complete new one."""
-    entries = sorted(stats.grams)
-    tensors = {tensor_name(i, name): stats.grams[(i, name)].contiguous() for i, name in entries}
+def write_entry(
+    path: Path,
+    key: str,
+    stat: str,
+    tensors: Tensors,
+    fields: Fields,
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Write statistic ``stat``'s named tensors and JSON scalars under ``key``, atomically.
+
+    Args:
+        tensors: name -> tensor of any shape; the order is kept and checksummed.
+        fields: JSON-able scalars of the statistic (e.g. token and batch counts).
+        meta: JSON-able provenance (not checked on reading).
+    """
+    tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
     metadata = {
         "format": "pt",
         "key": key,
         "format_version": str(FORMAT_VERSION),
-        "tokens": str(stats.tokens),
-        "dtype": stats.dtype,
-        "entries": json.dumps([[i, name] for i, name in entries]),
-        "sha256": _digest(stats, entries),
+        "stat": stat,
+        "tensors": json.dumps(list(tensors)),
+        "fields": json.dumps(fields, sort_keys=True),
+        "sha256": _digest(tensors),
         "meta": json.dumps(meta or {}, sort_keys=True, default=str),
-        "stat": GRAMS,
     }
     _write_atomic(path, tensors, metadata)
 
 
-def _read_metadata(path: Path, key: str, stat: str = GRAMS) -> dict[str, str]:
+def _read_metadata(path: Path, key: str, stat: str) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     if metadata.get("key") != key:
@@ -197,149 +223,25 @@ def _read_metadata(path: Path, key: str, stat: str = GRAMS) -> dict[str, str]:
     return metadata
 
 
-def _check_finite(name: str, tensor: torch.Tensor) -> None:
-    if not torch.isfinite(tensor).all():
-        raise StatsCacheError(f"tensor {name} has non-finite values")
-
-
-def _load_grams(
-    path: Path, entries: list[tuple[int, str]], dtype: str
-) -> dict[tuple[int, str], torch.Tensor]:
-    grams: dict[tuple[int, str], torch.Tensor] = {}
+def _load_tensors(path: Path, names: list[str]) -> Tensors:
+    tensors: Tensors = {}
     with safe_open(str(path), framework="pt") as f:
         present = set(f.keys())
-        for layer, name in entries:
-            tname = tensor_name(layer, name)
-            if tname not in present:
-                raise StatsCacheError(f"tensor {tname} is missing")
-            grams[(layer, name)] = f.get_tensor(tname).clone()  # own memory, not the file's map
-    for (layer, name), gram in grams.items():
-        tname = tensor_name(layer, name)
-        if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
-            raise StatsCacheError(f"tensor {tname} has non-square shape {tuple(gram.shape)}")
-        if str(gram.dtype).removeprefix("torch.") != dtype:
-            raise StatsCacheError(f"tensor {tname} has dtype {gram.dtype}, metadata says {dtype}")
-        _check_finite(tname, gram)
-    return grams
+        for name in names:
+            if name not in present:
+                raise StatsCacheError(f"tensor {name} is missing")
+            tensors[name] = f.get_tensor(name).clone()  # own memory, not the file's map
+    return tensors
 
 
-def read_stats(path: Path, key: str) -> GramStats:
-    """Load and verify a cache file.
-
-    Raises:
-        StatsCacheError: the file does not parse, belongs to another key, format or statistic,
-            lacks a listed tensor, holds a non-square or non-finite one, or its bytes do not match
-            the checksum.
-    """
-    try:
-        metadata = _read_metadata(path, key)
-        entries = [(int(i), str(name)) for i, name in json.loads(metadata["entries"])]
-        dtype = accumulate_dtype_name(metadata["dtype"])
-        stats = GramStats(
-            grams=_load_grams(path, entries, dtype), tokens=int(metadata["tokens"]), dtype=dtype
-        )
-    except StatsCacheError:
-        raise
-    except Exception as exc:  # any parse failure of a damaged file is a cache miss, not a crash
-        raise StatsCacheError(f"unreadable ({type(exc).__name__}: {exc})") from exc
-    if _digest(stats, entries) != metadata.get("sha256"):
-        raise StatsCacheError("tensor bytes do not match the stored sha256")
-    return stats
+def _check_finite(tensors: Tensors) -> None:
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise StatsCacheError(f"tensor {name} has non-finite values")
 
 
-def _load_or_collect(
-    path: Path, read: Callable[[], T], collect: Callable[[], T], store: Callable[[T], None]
-) -> tuple[T, bool]:
-    """The hit/miss logic every statistic shares: verified hit, or warn, recompute and store."""
-    if path.exists():
-        try:
-            stats = read()
-        except StatsCacheError as exc:
-            log.warning("Calibration statistics cache %s is unusable (%s); recomputing.", path, exc)
-        else:
-            log.info("Reusing calibration statistics from %s.", path)
-            return stats, True
-    stats = collect()
-    store(stats)
-    return stats, False
-
-
-def load_or_collect(
-    cache_dir: Path,
-    key: str,
-    collect: Callable[[], GramStats],
-    meta: dict[str, Any] | None = None,
-) -> tuple[GramStats, bool]:
-    """The cached statistics for ``key``, or ``collect()``'s, written to the cache.
-
-    Args:
-        cache_dir: cache root; the file is ``<cache_dir>/stats/<key>.safetensors``.
-        key: from ``stats_key``.
-        collect: computes the statistics on a miss (e.g. a closure over ``collect_grams``).
-        meta: JSON-able provenance stored beside the tensors (not part of the key).
-
-    Returns:
-        (statistics, True on a cache hit).
-    """
-    path = stats_path(cache_dir, key)
-
-    def store(stats: GramStats) -> None:
-        named = {tensor_name(*entry): gram for entry, gram in stats.grams.items()}
-        _store(path, named, lambda: save_stats(path, stats, key, meta))
-
-    return _load_or_collect(path, lambda: read_stats(path, key), collect, store)
-
-
-def _store(path: Path, named: dict[str, torch.Tensor], save: Callable[[], None]) -> None:
-    """Cache unless non-finite (never worth reusing); a failed write costs a recomputation later."""
-    bad = [name for name, tensor in named.items() if not torch.isfinite(tensor).all()]
-    if bad:
-        log.warning("Not caching calibration statistics: non-finite values in %s.", bad)
-        return
-    try:
-        save()
-    except OSError as exc:
-        log.warning("Could not write the calibration statistics cache %s (%s).", path, exc)
-        return
-    log.info("Cached calibration statistics in %s.", path)
-
-
-# ---------------------------------------------------------------- any other statistic
-
-
-def save_tensors(
-    path: Path,
-    key: str,
-    stat: str,
-    tensors: dict[str, torch.Tensor],
-    fields: Fields,
-    meta: dict[str, Any] | None = None,
-) -> None:
-    """Write named tensors and JSON scalars as statistic ``stat`` under ``key``, atomically.
-
-    Args:
-        tensors: name -> tensor of any shape; the order is kept and checksummed.
-        fields: JSON-able scalars of the statistic (e.g. token and batch counts).
-        meta: JSON-able provenance (not checked on reading).
-    """
-    if stat == GRAMS:
-        raise ValueError("Grams have their own file layout: use save_stats / load_or_collect.")
-    tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
-    metadata = {
-        "format": "pt",
-        "key": key,
-        "format_version": str(FORMAT_VERSION),
-        "stat": stat,
-        "tensors": json.dumps(list(tensors)),
-        "fields": json.dumps(fields, sort_keys=True),
-        "sha256": _digest_named(tensors),
-        "meta": json.dumps(meta or {}, sort_keys=True, default=str),
-    }
-    _write_atomic(path, tensors, metadata)
-
-
-def read_tensors(path: Path, key: str, stat: str) -> tuple[dict[str, torch.Tensor], Fields]:
-    """Load and verify a file written by ``save_tensors``: (tensors in stored order, fields).
+def read_entry(path: Path, key: str, stat: str) -> tuple[Tensors, Fields]:
+    """Load and verify one cache file: (tensors in stored order, fields).
 
     Raises:
         StatsCacheError: the file does not parse, belongs to another key, format or statistic,
@@ -347,63 +249,103 @@ def read_tensors(path: Path, key: str, stat: str) -> tuple[dict[str, torch.Tenso
     """
     try:
         metadata = _read_metadata(path, key, stat)
-        names = [str(name) for name in json.loads(metadata["tensors"])]
+        if "tensors" not in metadata and stat == GRAMS:
+            return _read_legacy_grams(path, metadata)
+        tensors = _load_tensors(path, [str(n) for n in json.loads(metadata["tensors"])])
         fields = json.loads(metadata["fields"])
-        tensors: dict[str, torch.Tensor] = {}
-        with safe_open(str(path), framework="pt") as f:
-            present = set(f.keys())
-            for name in names:
-                if name not in present:
-                    raise StatsCacheError(f"tensor {name} is missing")
-                tensors[name] = f.get_tensor(name).clone()  # own memory, not the file's map
     except StatsCacheError:
         raise
     except Exception as exc:  # any parse failure of a damaged file is a cache miss, not a crash
         raise StatsCacheError(f"unreadable ({type(exc).__name__}: {exc})") from exc
-    for name, tensor in tensors.items():
-        _check_finite(name, tensor)
-    if _digest_named(tensors) != metadata.get("sha256"):
+    _check_finite(tensors)
+    if _digest(tensors) != metadata.get("sha256"):
         raise StatsCacheError("tensor bytes do not match the stored sha256")
     return tensors, fields
 
 
-def load_or_collect_tensors(
-    cache_dir: Path,
-    key: str,
-    stat: str,
-    collect: Callable[[], T],
-    to_tensors: Callable[[T], tuple[dict[str, torch.Tensor], Fields]],
-    from_tensors: Callable[[dict[str, torch.Tensor], Fields], T],
-    meta: dict[str, Any] | None = None,
-) -> tuple[T, bool]:
-    """``load_or_collect`` for any statistic that can be written as named tensors plus scalars.
+def _read_legacy_grams(path: Path, metadata: dict[str, str]) -> tuple[Tensors, Fields]:
+    """A Gram file of the earlier layout: an entry list and a sha256 of the bytes alone."""
+    entries = [(int(i), str(name)) for i, name in json.loads(metadata["entries"])]
+    tensors = _load_tensors(path, [tensor_name(i, name) for i, name in entries])
+    _check_finite(tensors)
+    digest = hashlib.sha256()
+    for tensor in tensors.values():
+        digest.update(_tensor_bytes(tensor))
+    if digest.hexdigest() != metadata.get("sha256"):
+        raise StatsCacheError("tensor bytes do not match the stored sha256")
+    return tensors, {"tokens": int(metadata["tokens"]), "dtype": metadata["dtype"]}
 
-    Args:
-        cache_dir: cache root; the file is ``<cache_dir>/stats/<key>.safetensors``.
-        key: from ``stats_key(..., stat=stat, params=...)``.
-        stat: the statistic's name, stored and checked, so a file of another statistic is a miss.
-        collect: computes the statistics on a miss.
-        to_tensors: statistics -> (name -> tensor, JSON-able fields).
-        from_tensors: the inverse; any exception it raises (e.g. a wrong shape) makes the file a
-            miss, so it is where a statistic checks what the generic reader cannot.
-        meta: JSON-able provenance stored beside the tensors (not part of the key).
 
-    Returns:
-        (statistics, True on a cache hit).
+# ---------------------------------------------------------------- hit, miss, store
+
+
+def lookup(
+    cache_dir: Path, key: str, stat: str, decode: Callable[[Tensors, Fields], T]
+) -> T | None:
+    """The cached statistic, or None on a miss; an unusable file is a miss with a warning.
+
+    ``decode`` turns the verified tensors and fields into the statistic; any exception it raises
+    (a wrong shape or dtype) makes the file a miss too, so it is where a statistic checks what the
+    generic reader cannot.
     """
     path = stats_path(cache_dir, key)
-
-    def read() -> T:
-        tensors, fields = read_tensors(path, key, stat)
+    if not path.exists():
+        return None
+    try:
+        tensors, fields = read_entry(path, key, stat)
         try:
-            return from_tensors(tensors, fields)
+            value = decode(tensors, fields)
         except StatsCacheError:
             raise
         except Exception as exc:
             raise StatsCacheError(f"invalid {stat} ({type(exc).__name__}: {exc})") from exc
+    except StatsCacheError as exc:
+        log.warning("Calibration statistics cache %s is unusable (%s); recomputing.", path, exc)
+        return None
+    log.info("Reusing calibration statistics from %s.", path)
+    return value
 
-    def store(stats: T) -> None:
-        tensors, fields = to_tensors(stats)
-        _store(path, tensors, lambda: save_tensors(path, key, stat, tensors, fields, meta))
 
-    return _load_or_collect(path, read, collect, store)
+def store(
+    cache_dir: Path,
+    key: str,
+    stat: str,
+    tensors: Tensors,
+    fields: Fields,
+    meta: dict[str, Any] | None = None,
+) -> bool:
+    """Cache unless non-finite (never worth reusing); a failed write costs a recomputation later.
+
+    Returns:
+        whether the file was written.
+    """
+    path = stats_path(cache_dir, key)
+    bad = [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        log.warning("Not caching calibration statistics: non-finite values in %s.", bad)
+        return False
+    try:
+        write_entry(path, key, stat, tensors, fields, meta)
+    except OSError as exc:
+        log.warning("Could not write the calibration statistics cache %s (%s).", path, exc)
+        return False
+    log.info("Cached calibration statistics in %s.", path)
+    return True
+
+
+def load_or_collect_entry(
+    cache_dir: Path,
+    key: str,
+    stat: str,
+    collect: Callable[[], T],
+    encode: Callable[[T], tuple[Tensors, Fields]],
+    decode: Callable[[Tensors, Fields], T],
+    meta: dict[str, Any] | None = None,
+) -> tuple[T, bool]:
+    """(statistic, True) from the cache, else (``collect()``'s, False), written to the cache."""
+    value = lookup(cache_dir, key, stat, decode)
+    if value is not None:
+        return value, True
+    value = collect()
+    store(cache_dir, key, stat, *encode(value), meta)
+    return value, False

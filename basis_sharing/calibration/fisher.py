@@ -28,12 +28,18 @@ from tqdm.auto import tqdm
 from basis_sharing.calibration.cache import (
     Fields,
     StatsCacheError,
+    Tensors,
     entry_tensors,
-    load_or_collect_tensors,
+    load_or_collect_entry,
     stats_key,
     tensor_entries,
 )
-from basis_sharing.calibration.grams import _input_device, check_calibration_ids
+from basis_sharing.calibration.statistics import (
+    BackwardStatistic,
+    check_calibration_ids,
+    input_device,
+    register_statistic,
+)
 from basis_sharing.models.families import FamilyAdapter
 
 log = logging.getLogger(__name__)
@@ -157,7 +163,7 @@ def collect_fisher(
     if torch.is_inference_mode_enabled():
         raise RuntimeError("collect_fisher needs autograd: call it outside torch.inference_mode().")
     weights = projection_weights(model, family)
-    device = _input_device(model)
+    device = input_device(model)
     rows: dict[tuple[int, str], torch.Tensor] = {}
     batches = tokens = 0
     params = [weight for weight, _ in weights.values()]
@@ -173,13 +179,41 @@ def collect_fisher(
     stats = FisherStats(
         rows={key: row.to("cpu") for key, row in rows.items()}, batches=batches, tokens=tokens
     )
-    log.info(
-        "Collected Fisher rows of %d projections over %d tokens in %d batches.",
-        len(stats.rows),
-        stats.tokens,
-        stats.batches,
-    )
+    log.info("%s", FISHER_ROWS.describe(stats))
     return stats
+
+
+@register_statistic
+class FisherStatistic(BackwardStatistic):
+    """FWSVD's Fisher row sums per (layer, projection kind): one backward pass per batch."""
+
+    name = "fisher"
+    stat = FISHER
+
+    def key(
+        self, identity: dict[str, Any], calibration_hash: str, gram_dtype: str, batch_size: int
+    ) -> str:
+        return fisher_key(identity, calibration_hash, batch_size)
+
+    def collect(
+        self, model: nn.Module, family: FamilyAdapter, ids: torch.Tensor, batch_size: int
+    ) -> FisherStats:
+        return collect_fisher(model, family, ids, batch_size)
+
+    def encode(self, value: FisherStats) -> tuple[Tensors, Fields]:
+        return fisher_to_tensors(value)
+
+    def decode(self, tensors: Tensors, fields: Fields) -> FisherStats:
+        return fisher_from_tensors(tensors, fields)
+
+    def describe(self, value: FisherStats) -> str:
+        return (
+            f"Collected Fisher rows of {len(value.rows)} projections over {value.tokens} tokens "
+            f"in {value.batches} batches."
+        )
+
+
+FISHER_ROWS = FisherStatistic()
 
 
 # ---------------------------------------------------------------- cache
@@ -192,11 +226,11 @@ def fisher_key(model_identity: dict[str, Any], calibration_hash: str, batch_size
     )
 
 
-def fisher_to_tensors(stats: FisherStats) -> tuple[dict[str, torch.Tensor], Fields]:
+def fisher_to_tensors(stats: FisherStats) -> tuple[Tensors, Fields]:
     return entry_tensors(stats.rows), {"batches": stats.batches, "tokens": stats.tokens}
 
 
-def fisher_from_tensors(tensors: dict[str, torch.Tensor], fields: Fields) -> FisherStats:
+def fisher_from_tensors(tensors: Tensors, fields: Fields) -> FisherStats:
     """Inverse of ``fisher_to_tensors``, checking what only a Fisher file must satisfy."""
     rows = tensor_entries(tensors)
     for key, row in rows.items():
@@ -212,6 +246,6 @@ def load_or_collect_fisher(
     meta: dict[str, Any] | None = None,
 ) -> tuple[FisherStats, bool]:
     """The cached Fisher rows for ``key`` (from ``fisher_key``), or ``collect()``'s, on disk."""
-    return load_or_collect_tensors(
+    return load_or_collect_entry(
         cache_dir, key, FISHER, collect, fisher_to_tensors, fisher_from_tensors, meta
     )

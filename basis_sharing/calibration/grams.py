@@ -13,34 +13,50 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from basis_sharing.errors import CalibrationError, ConfigError
+from basis_sharing.calibration.cache import (
+    ACCUMULATE_DTYPES,
+    GRAMS,
+    Fields,
+    StatsCacheError,
+    Tensors,
+    accumulate_dtype_name,
+    entry_tensors,
+    load_or_collect_entry,
+    read_entry,
+    stats_key,
+    tensor_entries,
+    write_entry,
+)
+from basis_sharing.calibration.statistics import (
+    Accumulator,
+    ForwardStatistic,
+    Key,
+    collect_forward,
+    register_statistic,
+)
 from basis_sharing.models.families import FamilyAdapter
+from basis_sharing.runtime.sequential import BlockRunner
 
 log = logging.getLogger(__name__)
 
-# Half precision would overflow and lose the small eigenvalues the whitening needs (fp32 as in the
-# reference code; fp64 for exact tests or very long calibration runs).
-ACCUMULATE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
-
-
-def accumulate_dtype_name(dtype: torch.dtype | str) -> str:
-    """Canonical name ("float32" or "float64") of an accumulation dtype given as dtype or string.
-
-    Raises:
-        ConfigError: any other dtype (half precision is refused, see ACCUMULATE_DTYPES).
-    """
-    name = str(dtype).removeprefix("torch.")
-    if name not in ACCUMULATE_DTYPES:
-        raise ConfigError(
-            f"Unsupported Gram accumulation dtype '{name}'. Valid choices: "
-            f"{', '.join(ACCUMULATE_DTYPES)}."
-        )
-    return name
+__all__ = [
+    "ACCUMULATE_DTYPES",
+    "GramAccumulator",
+    "GramStatistic",
+    "GramStats",
+    "accumulate_dtype_name",
+    "collect_grams",
+    "hooked_kinds",
+    "load_or_collect",
+    "read_stats",
+    "save_stats",
+]
 
 
 @dataclass
@@ -97,7 +113,7 @@ class GramAccumulator:
         """Fold activations ``x``: (..., d_in) into the Gram; every leading position is a token."""
         x = x.detach()
         if self.gram is not None and x.device != self.gram.device:
-            x = x.to(self.gram.device)  # e.g. a model split over devices by accelerate
+            x = x.to(self.gram.device)  # e.g. a model split over devices, or a finished block
         flat = x.reshape(-1, x.shape[-1]).to(self.dtype)  # (tokens, d_in)
         if self.gram is None:
             d_in = flat.shape[1]
@@ -109,107 +125,73 @@ class GramAccumulator:
         self.gram.addmm_(flat.T, flat)
         self.tokens += flat.shape[0]
 
+    def to(self, device: torch.device | str) -> None:
+        if self.gram is not None:
+            self.gram = self.gram.to(device)
+
 
 def hooked_kinds(family: FamilyAdapter) -> dict[str, str]:
     """input name -> the one projection kind whose input is captured for it (the first reader)."""
     return {name: kinds[0] for name, kinds in family.kinds_by_input().items()}
 
 
-def _attach_hooks(
-    model: nn.Module, family: FamilyAdapter, dtype: torch.dtype
-) -> tuple[dict[tuple[int, str], GramAccumulator], list[torch.utils.hooks.RemovableHandle]]:
-    """One accumulator and one forward hook per (layer, distinct input)."""
-    accumulators: dict[tuple[int, str], GramAccumulator] = {}
-    handles: list[torch.utils.hooks.RemovableHandle] = []
-    try:
-        for index, layer in enumerate(family.layers(model)):
-            for name, kind in hooked_kinds(family).items():
-                acc = accumulators[(index, name)] = GramAccumulator(dtype)
-                module = family.module(layer, kind)
-                handles.append(module.register_forward_hook(_hook(acc), with_kwargs=True))
-    except BaseException:
-        _remove(handles)
-        raise
-    return accumulators, handles
+@register_statistic
+class GramStatistic(ForwardStatistic):
+    """X^T X per (layer, distinct input), in the run's Gram dtype."""
 
+    name = "gram"
+    stat = GRAMS
 
-def _hook(acc: GramAccumulator):
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        # Linear and GPT-2 Conv1D both take the activation as their first argument.
-        acc.add(args[0] if args else next(iter(kwargs.values())))
+    def key(
+        self, identity: dict[str, Any], calibration_hash: str, gram_dtype: str, batch_size: int
+    ) -> str:
+        return stats_key(identity, calibration_hash, gram_dtype)  # no batch size: sums of x^T x
 
-    return hook
+    def accumulator(self, gram_dtype: str) -> Accumulator:
+        return GramAccumulator(gram_dtype)
 
-
-def _remove(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
-    for handle in handles:
-        handle.remove()
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    """Where the token ids must go: the embedding's device (the first device of a split model)."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-        return embeddings.weight.device
-    return next(model.parameters()).device
-
-
-def _run_batches(model: nn.Module, calibration_ids: torch.Tensor, batch_size: int, desc: str):
-    device = _input_device(model)
-    starts = range(0, calibration_ids.shape[0], batch_size)
-    with torch.inference_mode():
-        for start in tqdm(starts, desc=desc, unit="batch", leave=False):
-            batch = calibration_ids[start : start + batch_size].to(device)
-            model(input_ids=batch, use_cache=False)
-
-
-def _to_stats(accumulators: dict[tuple[int, str], GramAccumulator], dtype: str) -> GramStats:
-    """Move the Grams to the CPU as ordinary (non-inference) tensors and check the token counts."""
-    counts = {key: acc.tokens for key, acc in accumulators.items()}
-    if len(set(counts.values())) != 1 or any(acc.gram is None for acc in accumulators.values()):
-        raise RuntimeError(f"Hooked projections saw different token counts: {counts}.")
-    # clone() outside inference mode turns inference tensors into ordinary ones that callers
-    # may update in place.
-    grams = {key: acc.gram.to("cpu").clone() for key, acc in accumulators.items()}
-    return GramStats(grams=grams, tokens=next(iter(counts.values())), dtype=dtype)
-
-
-def check_calibration_ids(calibration_ids: torch.Tensor, batch_size: int) -> None:
-    """The input checks every calibration statistic makes.
-
-    Raises:
-        CalibrationError: ids are not a non-empty (n_samples, seq_len) tensor.
-        ConfigError: batch_size < 1.
-    """
-    if calibration_ids.ndim != 2 or calibration_ids.numel() == 0:
-        raise CalibrationError(
-            "Calibration ids must be a non-empty (n_samples, seq_len) tensor, got shape "
-            f"{tuple(calibration_ids.shape)}."
+    def assemble(
+        self, accumulators: dict[Key, Accumulator], batches: int, gram_dtype: str
+    ) -> GramStats:
+        """The Grams on the CPU as ordinary (non-inference) tensors, token counts checked."""
+        counts = {key: acc.tokens for key, acc in accumulators.items()}
+        if len(set(counts.values())) != 1 or any(acc.gram is None for acc in accumulators.values()):
+            raise RuntimeError(f"Hooked projections saw different token counts: {counts}.")
+        # clone() outside inference mode turns inference tensors into ordinary ones that callers
+        # may update in place.
+        grams = {key: acc.gram.to("cpu").clone() for key, acc in accumulators.items()}
+        return GramStats(
+            grams=grams, tokens=next(iter(counts.values())), dtype=accumulate_dtype_name(gram_dtype)
         )
-    if batch_size < 1:
-        raise ConfigError(f"calibration batch size must be >= 1, got {batch_size}.")
+
+    def encode(self, value: GramStats) -> tuple[Tensors, Fields]:
+        return entry_tensors(value.grams), {"tokens": value.tokens, "dtype": value.dtype}
+
+    def decode(self, tensors: Tensors, fields: Fields) -> GramStats:
+        """Inverse of ``encode``: every Gram square and in the stored dtype."""
+        dtype = accumulate_dtype_name(fields["dtype"])
+        grams = tensor_entries(tensors)
+        for (layer, name), gram in grams.items():
+            if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+                raise StatsCacheError(
+                    f"tensor L{layer}.{name} has non-square shape {tuple(gram.shape)}"
+                )
+            if str(gram.dtype).removeprefix("torch.") != dtype:
+                raise StatsCacheError(
+                    f"tensor L{layer}.{name} has dtype {gram.dtype}, metadata says {dtype}"
+                )
+        return GramStats(grams=grams, tokens=int(fields["tokens"]), dtype=dtype)
+
+    def describe(self, value: GramStats) -> str:
+        n_layers = len({i for i, _ in value.grams})
+        return (
+            f"Collected {len(value.grams)} Grams ({n_layers} layers x "
+            f"{len(value.grams) // max(n_layers, 1)} inputs) over {value.tokens} tokens in "
+            f"{value.dtype}."
+        )
 
 
-def run_hooked(
-    model: nn.Module,
-    calibration_ids: torch.Tensor,
-    batch_size: int,
-    desc: str,
-    handles: list[torch.utils.hooks.RemovableHandle],
-) -> None:
-    """One inference pass over the blocks with ``handles`` attached.
-
-    The model is in eval mode for the pass (dropout would make the statistics random); the hooks
-    are removed and the mode restored whatever happens.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        _run_batches(model, calibration_ids, batch_size, desc)
-    finally:
-        _remove(handles)
-        if was_training:
-            model.train()
+GRAM = GramStatistic()
 
 
 def collect_grams(
@@ -219,31 +201,64 @@ def collect_grams(
     batch_size: int,
     accumulate_dtype: torch.dtype | str = torch.float32,
     desc: str = "calibration",
+    runner: BlockRunner | None = None,
 ) -> GramStats:
     """X^T X of every distinct projection input of every decoder layer, in one forward pass.
 
     Args:
-        model: the original (uncompressed) causal LM, on any device; put in eval mode for the pass.
+        model: the causal LM, on any device; put in eval mode for the pass.
         family: its adapter (where the layers and projections are, which input each reads).
         calibration_ids: (n_samples, seq_len) int64 token ids; every token counts.
         batch_size: samples per forward pass (does not change the result beyond rounding).
         accumulate_dtype: float32 (the reference) or float64.
         desc: progress-bar label.
+        runner: run block by block with it (``runtime=sequential``); None: the whole model.
 
     Returns:
         GramStats: one (d_in, d_in) CPU Gram per (layer, input); tokens = n_samples * seq_len.
     """
-    dtype_name = accumulate_dtype_name(accumulate_dtype)
-    check_calibration_ids(calibration_ids, batch_size)
-    accumulators, handles = _attach_hooks(model, family, ACCUMULATE_DTYPES[dtype_name])
-    run_hooked(model, calibration_ids, batch_size, desc, handles)
-    stats = _to_stats(accumulators, dtype_name)
-    log.info(
-        "Collected %d Grams (%d layers x %d inputs) over %d tokens in %s.",
-        len(stats.grams),
-        len(family.layers(model)),
-        len(hooked_kinds(family)),
-        stats.tokens,
-        dtype_name,
-    )
+    dtype = accumulate_dtype_name(accumulate_dtype)
+    stats = collect_forward(
+        [GRAM], model, family, calibration_ids, batch_size, dtype, runner, desc
+    )["gram"]
+    log.info("%s", GRAM.describe(stats))
     return stats
+
+
+# ---------------------------------------------------------------- cache (the Gram statistic)
+
+
+def save_stats(path: Path, stats: GramStats, key: str, meta: dict[str, Any] | None = None) -> None:
+    """Write ``stats`` to ``path`` atomically: readers see the old file or the complete new one."""
+    write_entry(path, key, GRAMS, *GRAM.encode(stats), meta)
+
+
+def read_stats(path: Path, key: str) -> GramStats:
+    """Load and verify a Gram cache file.
+
+    Raises:
+        StatsCacheError: the file does not parse, belongs to another key, format or statistic,
+            lacks a listed tensor, holds a non-square or non-finite one, or its bytes do not match
+            the checksum.
+    """
+    tensors, fields = read_entry(path, key, GRAMS)
+    try:
+        return GRAM.decode(tensors, fields)
+    except StatsCacheError:
+        raise
+    except Exception as exc:
+        raise StatsCacheError(f"invalid {GRAMS} ({type(exc).__name__}: {exc})") from exc
+
+
+def load_or_collect(
+    cache_dir: Path,
+    key: str,
+    collect,
+    meta: dict[str, Any] | None = None,
+) -> tuple[GramStats, bool]:
+    """The cached Grams for ``key``, or ``collect()``'s, written to the cache.
+
+    Returns:
+        (statistics, True on a cache hit).
+    """
+    return load_or_collect_entry(cache_dir, key, GRAMS, collect, GRAM.encode, GRAM.decode, meta)

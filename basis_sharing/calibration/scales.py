@@ -15,7 +15,6 @@ part of the cache key (``scales_key``).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,20 +26,22 @@ from torch import nn
 from basis_sharing.calibration.cache import (
     Fields,
     StatsCacheError,
+    Tensors,
     entry_tensors,
-    load_or_collect_tensors,
+    load_or_collect_entry,
     stats_key,
     tensor_entries,
 )
-from basis_sharing.calibration.grams import (
-    _hook,
-    _remove,
-    check_calibration_ids,
-    hooked_kinds,
-    run_hooked,
+from basis_sharing.calibration.statistics import (
+    Accumulator,
+    ForwardStatistic,
+    Key,
+    collect_forward,
+    register_statistic,
 )
 from basis_sharing.errors import unknown_choice
 from basis_sharing.models.families import FamilyAdapter
+from basis_sharing.runtime.sequential import BlockRunner
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class ScaleAccumulator:
         """Fold one batch ``x``: (..., d_in); every leading position is a token of this batch."""
         x = x.detach()
         if self.abs_mean is not None and x.device != self.abs_mean.device:
-            x = x.to(self.abs_mean.device)  # e.g. a model split over devices by accelerate
+            x = x.to(self.abs_mean.device)  # e.g. a model split over devices, or a finished block
         magnitude = x.reshape(-1, x.shape[-1]).abs()  # (tokens, d_in), exact in any dtype
         batch_mean = magnitude.mean(dim=0, dtype=torch.float64)
         batch_max = magnitude.amax(dim=0).to(torch.float64)
@@ -112,40 +113,58 @@ class ScaleAccumulator:
         self.tokens += magnitude.shape[0]
         self.batches += 1
 
-
-def _attach_hooks(
-    model: nn.Module, family: FamilyAdapter
-) -> tuple[dict[tuple[int, str], ScaleAccumulator], list[torch.utils.hooks.RemovableHandle]]:
-    """One accumulator and one forward hook per (layer, distinct input), as for the Grams."""
-    accumulators: dict[tuple[int, str], ScaleAccumulator] = {}
-    handles: list[torch.utils.hooks.RemovableHandle] = []
-    try:
-        for index, layer in enumerate(family.layers(model)):
-            for name, kind in hooked_kinds(family).items():
-                acc = accumulators[(index, name)] = ScaleAccumulator()
-                module = family.module(layer, kind)
-                handles.append(module.register_forward_hook(_hook(acc), with_kwargs=True))
-    except BaseException:
-        _remove(handles)
-        raise
-    return accumulators, handles
+    def to(self, device: torch.device | str) -> None:
+        if self.abs_mean is not None and self.abs_max is not None:
+            self.abs_mean, self.abs_max = self.abs_mean.to(device), self.abs_max.to(device)
 
 
-def _to_stats(accumulators: dict[tuple[int, str], ScaleAccumulator], batches: int) -> ScaleStats:
-    """Move the scales to the CPU as ordinary tensors; check every input saw every batch."""
-    counts = {key: (acc.tokens, acc.batches) for key, acc in accumulators.items()}
-    if set(counts.values()) != {next(iter(counts.values()))} or any(
-        acc.batches != batches or acc.abs_mean is None for acc in accumulators.values()
-    ):
-        raise RuntimeError(
-            f"Hooked projections saw different (tokens, batches), expected {batches} batches: "
-            f"{counts}."
+@register_statistic
+class ScaleStatistic(ForwardStatistic):
+    """ASVD's abs_mean and abs_max per (layer, distinct input)."""
+
+    name = "scale"
+    stat = SCALES
+
+    def key(
+        self, identity: dict[str, Any], calibration_hash: str, gram_dtype: str, batch_size: int
+    ) -> str:
+        return scales_key(identity, calibration_hash, batch_size)
+
+    def accumulator(self, gram_dtype: str) -> Accumulator:
+        return ScaleAccumulator()
+
+    def assemble(
+        self, accumulators: dict[Key, Accumulator], batches: int, gram_dtype: str
+    ) -> ScaleStats:
+        """The scales on the CPU as ordinary tensors; every input saw every batch."""
+        counts = {key: (acc.tokens, acc.batches) for key, acc in accumulators.items()}
+        if set(counts.values()) != {next(iter(counts.values()))} or any(
+            acc.batches != batches or acc.abs_mean is None for acc in accumulators.values()
+        ):
+            raise RuntimeError(
+                f"Hooked projections saw different (tokens, batches), expected {batches} "
+                f"batches: {counts}."
+            )
+        # clone() outside inference mode turns inference tensors into ordinary ones.
+        abs_mean = {key: acc.abs_mean.to("cpu").clone() for key, acc in accumulators.items()}
+        abs_max = {key: acc.abs_max.to("cpu").clone() for key, acc in accumulators.items()}
+        tokens = next(iter(counts.values()))[0]
+        return ScaleStats(abs_mean=abs_mean, abs_max=abs_max, tokens=tokens, batches=batches)
+
+    def encode(self, value: ScaleStats) -> tuple[Tensors, Fields]:
+        return scales_to_tensors(value)
+
+    def decode(self, tensors: Tensors, fields: Fields) -> ScaleStats:
+        return scales_from_tensors(tensors, fields)
+
+    def describe(self, value: ScaleStats) -> str:
+        return (
+            f"Collected activation scales of {len(value.abs_mean)} (layer, input) pairs over "
+            f"{value.tokens} tokens in {value.batches} batches."
         )
-    # clone() outside inference mode turns inference tensors into ordinary ones.
-    abs_mean = {key: acc.abs_mean.to("cpu").clone() for key, acc in accumulators.items()}
-    abs_max = {key: acc.abs_max.to("cpu").clone() for key, acc in accumulators.items()}
-    tokens = next(iter(counts.values()))[0]
-    return ScaleStats(abs_mean=abs_mean, abs_max=abs_max, tokens=tokens, batches=batches)
+
+
+SCALE = ScaleStatistic()
 
 
 def collect_scales(
@@ -154,6 +173,7 @@ def collect_scales(
     calibration_ids: torch.Tensor,
     batch_size: int,
     desc: str = "activation scales",
+    runner: BlockRunner | None = None,
 ) -> ScaleStats:
     """ASVD's abs_mean and abs_max of every distinct projection input, in one forward pass.
 
@@ -163,20 +183,15 @@ def collect_scales(
         calibration_ids: (n_samples, seq_len) int64 token ids; every token counts.
         batch_size: samples per forward pass; abs_mean sums one mean per batch (module docstring).
         desc: progress-bar label.
+        runner: run block by block with it; None: the whole model.
 
     Returns:
         ScaleStats: (d_in,) float64 CPU vectors per (layer, input); tokens = n_samples * seq_len.
     """
-    check_calibration_ids(calibration_ids, batch_size)
-    accumulators, handles = _attach_hooks(model, family)
-    run_hooked(model, calibration_ids, batch_size, desc, handles)
-    stats = _to_stats(accumulators, math.ceil(calibration_ids.shape[0] / batch_size))
-    log.info(
-        "Collected activation scales of %d (layer, input) pairs over %d tokens in %d batches.",
-        len(stats.abs_mean),
-        stats.tokens,
-        stats.batches,
-    )
+    stats = collect_forward(
+        [SCALE], model, family, calibration_ids, batch_size, runner=runner, desc=desc
+    )["scale"]
+    log.info("%s", SCALE.describe(stats))
     return stats
 
 
@@ -190,7 +205,7 @@ def scales_key(model_identity: dict[str, Any], calibration_hash: str, batch_size
     )
 
 
-def scales_to_tensors(stats: ScaleStats) -> tuple[dict[str, torch.Tensor], Fields]:
+def scales_to_tensors(stats: ScaleStats) -> tuple[Tensors, Fields]:
     tensors = {
         **entry_tensors(stats.abs_mean, "abs_mean."),
         **entry_tensors(stats.abs_max, "abs_max."),
@@ -198,7 +213,7 @@ def scales_to_tensors(stats: ScaleStats) -> tuple[dict[str, torch.Tensor], Field
     return tensors, {"tokens": stats.tokens, "batches": stats.batches}
 
 
-def scales_from_tensors(tensors: dict[str, torch.Tensor], fields: Fields) -> ScaleStats:
+def scales_from_tensors(tensors: Tensors, fields: Fields) -> ScaleStats:
     """Inverse of ``scales_to_tensors``, checking what only a scale file must satisfy."""
     abs_mean = tensor_entries(tensors, "abs_mean.")
     abs_max = tensor_entries(tensors, "abs_max.")
@@ -224,6 +239,6 @@ def load_or_collect_scales(
     meta: dict[str, Any] | None = None,
 ) -> tuple[ScaleStats, bool]:
     """The cached scales for ``key`` (from ``scales_key``), or ``collect()``'s, written to disk."""
-    return load_or_collect_tensors(
+    return load_or_collect_entry(
         cache_dir, key, SCALES, collect, scales_to_tensors, scales_from_tensors, meta
     )

@@ -18,6 +18,7 @@ from basis_sharing.errors import BadDataError
 
 # The forward pass over windows lives in the runtime, below the methods (ASVD scores windows
 # too); re-exported here with the protocol.
+from basis_sharing.runtime.sequential import BlockRunner
 from basis_sharing.runtime.windows import window_nlls
 
 # Evaluation split of each perplexity dataset, and how many rows the protocol uses (C4: the first
@@ -70,6 +71,7 @@ def perplexity(
     dataset: str = "",
     batch_size: int = 1,
     max_windows: int | None = None,
+    runner: BlockRunner | None = None,
 ) -> PerplexityResult:
     """Paper-protocol perplexity of ``model`` on the token ids of one joined split.
 
@@ -77,6 +79,8 @@ def perplexity(
         ids: (n_tokens,) ids of the whole split, tokenized once.
         context_length: window length (2048 for the paper's models, 1024 for GPT-2).
         max_windows: evaluate only the first windows (a quick run); recorded as ``truncated``.
+        runner: score block by block with it (``runtime=sequential``: the same numbers for a
+            model larger than the device); None: the whole model where it is.
 
     Raises:
         BadDataError: fewer than 2 ids, so no window has a token to predict (the mean over no
@@ -89,7 +93,9 @@ def perplexity(
             "window with a token to predict (at least 2 are needed)."
         )
     selected = bounds if max_windows is None else bounds[:max_windows]
-    nlls = window_nlls(model, ids, selected, batch_size, desc=f"ppl {dataset}".strip())
+    nlls = window_nlls(
+        model, ids, selected, batch_size, desc=f"ppl {dataset}".strip(), runner=runner
+    )
     finite = torch.isfinite(nlls)
     mean_nll = float(nlls.mean()) if len(nlls) else float("nan")
     return PerplexityResult(

@@ -11,6 +11,10 @@ inside the compressed model:
   0..i-1 already compressed *and refit*; within a layer the inputs are refreshed in data-flow
   order (attention input, attention output, MLP input, MLP hidden), so o and down are refit on
   what the refit q/k/v and up/gate produce.
+
+Both run on the runtime's ``BlockRunner`` when the run has one (``runtime=sequential``: one block
+on the device at a time); the sequential update uses a runner either way, on the model's own
+device under ``runtime=full``. The numbers are the same.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from basis_sharing.linalg.factorization import concat_weights
 from basis_sharing.linalg.refit import output_error, refit_coefficients
 from basis_sharing.methods.plan import GroupPlan
 from basis_sharing.methods.registry import CompressionContext
-from basis_sharing.models.families import FamilyAdapter
+from basis_sharing.models.families import FamilyAdapter, family_for_model_type
+from basis_sharing.runtime.sequential import BlockRunner, token_batches
 
 
 def refit_group(
@@ -72,14 +77,16 @@ def refit_single_pass(
     ctx: CompressionContext,
     eps: float,
 ) -> dict:
-    """Every group refit on the Grams of one pass of the compressed model."""
+    """Every group refit on the Grams of one pass of the compressed model (block by block with
+    ``ctx.runner``)."""
     deviated = collect_grams(
         model,
         family,
         ctx.calibration_ids,
         ctx.calib_batch_size,
-        ctx.extras.get("gram_dtype", torch.float32),
+        ctx.gram_dtype,
         desc="update: deviated inputs",
+        runner=ctx.runner,
     )
     layers = family.layers(model)
     groups = []
@@ -89,51 +96,76 @@ def refit_single_pass(
     return _summary("single_pass", deviated.tokens, groups)
 
 
-class _Captured(Exception):
-    """Raised by the capture hook to stop the forward pass after the first decoder layer's input."""
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def refit_sequential(
+    model: nn.Module,
+    family: FamilyAdapter,
+    plans: list[GroupPlan],
+    originals: dict,
+    ctx: CompressionContext,
+    eps: float,
+) -> dict:
+    """SVD-LLM's update: layer by layer on the outputs of the compressed, refit earlier layers.
+
+    Each layer is a block of the runner: for each input in data-flow order its Gram is taken by
+    running the block (with the layer's kinds before it already refit), its kinds are refit, and
+    when the layer is done its outputs feed the next one.
+    """
+    by_member = {(i, p.kind): p for p in plans for i in p.layers}
+    if any(p.shared for p in plans):
+        raise ValueError("the sequential update refits one-layer groups only")
+    runner = ctx.runner
+    if runner is None:  # runtime=full: the same loop, everything on the model's device
+        device = _model_device(model)
+        runner = BlockRunner(model, family, device, hidden_device=device)
+    batches = token_batches(ctx.calibration_ids, ctx.calib_batch_size)
+    layers = family.layers(model)
+    groups = []
+    with runner.open(batches, desc="update: layers") as session:
+        for block in session.blocks():
+            (i,) = block.layers
+            layer = block.modules[0]
+            for kinds in family.kinds_by_input().values():
+                acc = GramAccumulator(ctx.gram_dtype)
+                module = family.module(layer, kinds[0])
+                handle = module.register_forward_hook(
+                    lambda _m, args, _o, acc=acc: acc.add(args[0])
+                )
+                try:
+                    block.run()
+                finally:
+                    handle.remove()
+                for kind in kinds:
+                    plan = by_member[(i, kind)]
+                    groups.append(
+                        refit_group(layers, family, plan, acc.gram, originals, ctx.device, eps)
+                    )
+            # leaving the block: the runner propagates the refit layer's outputs
+    tokens = int(ctx.calibration_ids.numel())
+    return _summary("sequential", tokens, groups)
+
+
+# ---- compatibility: tests/test_new_families.py still calls the runner this module used to own.
 
 
 def capture_layer_inputs(
     model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int
 ) -> list[tuple[torch.Tensor, list[dict]]]:
-    """Per batch: the hidden states the first decoder layer receives, and every layer's keywords.
+    """Per batch: the first decoder layer's hidden states and every layer's keywords.
 
-    Captured with pre-hooks (GPTQ's "catcher") so layers can be run one at a time on any family
-    without knowing how it builds masks and position embeddings. The keywords are taken per layer
-    because they can differ between layers (Gemma-2 alternates sliding-window and full-attention
-    masks); they are references to what the model built, not copies. The pass stops before the
-    last layer runs.
+    Kept for callers of the old private runner; ``runtime.sequential.BlockRunner`` replaces it
+    (it also keeps positional arguments, which GPT-2 passes its mask as).
     """
-    device = next(model.parameters()).device
-    captured: list[tuple[torch.Tensor, list[dict]]] = []
-    current: dict = {}
-
-    def hook(index: int):
-        def record(_module, args, kwargs):
-            if index == 0:
-                current["hidden"] = (args[0] if args else kwargs["hidden_states"]).clone()
-            current["kwargs"].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-            if index == len(layers) - 1:
-                raise _Captured
-
-        return record
-
-    handles = [
-        layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)
-    ]
-    try:
-        with torch.inference_mode():
-            for start in range(0, ids.shape[0], batch_size):
-                current.update(hidden=None, kwargs=[])
-                try:
-                    model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
-                except _Captured:
-                    pass
-                captured.append((current["hidden"], current["kwargs"]))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
+    family = family_for_model_type(model.config.model_type)
+    if family.layers(model) is not layers:
+        raise ValueError("layers must be the model's own decoder layers")
+    device = _model_device(model)
+    runner = BlockRunner(model, family, device, hidden_device=device)
+    with runner.open(token_batches(ids, batch_size), desc="capture") as session:
+        return [(s.hidden, [call.kwargs for call in s.calls]) for s in session.states]
 
 
 def _run_layer(
@@ -146,39 +178,3 @@ def _run_layer(
             out = layer(hidden, **kwargs[index])
             outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))
     return outputs
-
-
-def refit_sequential(
-    model: nn.Module,
-    family: FamilyAdapter,
-    plans: list[GroupPlan],
-    originals: dict,
-    ctx: CompressionContext,
-    eps: float,
-) -> dict:
-    """SVD-LLM's update: layer by layer on the outputs of the compressed, refit earlier layers."""
-    layers = family.layers(model)
-    by_member = {(i, p.kind): p for p in plans for i in p.layers}
-    if any(p.shared for p in plans):
-        raise ValueError("the sequential update refits one-layer groups only")
-    dtype = ctx.extras.get("gram_dtype", torch.float32)
-    batches = capture_layer_inputs(model, layers, ctx.calibration_ids, ctx.calib_batch_size)
-    groups = []
-    for i, layer in enumerate(tqdm(layers, desc="update: layers", unit="layer", leave=False)):
-        for kinds in family.kinds_by_input().values():
-            acc = GramAccumulator(dtype)
-            module = family.module(layer, kinds[0])
-            handle = module.register_forward_hook(lambda _m, args, _o, acc=acc: acc.add(args[0]))
-            try:
-                _run_layer(layer, i, batches)
-            finally:
-                handle.remove()
-            for kind in kinds:
-                groups.append(
-                    refit_group(
-                        layers, family, by_member[(i, kind)], acc.gram, originals, ctx.device, eps
-                    )
-                )
-        batches = _run_layer(layer, i, batches)
-    tokens = int(ctx.calibration_ids.numel())
-    return _summary("sequential", tokens, groups)

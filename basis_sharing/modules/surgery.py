@@ -43,7 +43,8 @@ def install_factors(
     coefficients: Sequence[torch.Tensor],
     shared_key: str | None = None,
 ) -> list[CompressedLinear]:
-    """Replace each dense leaf by (x B) C_j (+ its own bias), in the first leaf's dtype.
+    """Replace each dense leaf by (x B) C_j (+ its own bias), in the first leaf's dtype and on its
+    device (a model kept on the CPU by runtime=sequential stays there).
 
     Args:
         leaves: (owner, path) of each member's dense projection, e.g. (decoder layer, "mlp.fc1").
@@ -54,7 +55,9 @@ def install_factors(
     Returns:
         The installed modules, in the order of ``leaves``.
     """
-    dtype = get_leaf(*leaves[0]).weight.dtype
+    first = get_leaf(*leaves[0]).weight
+    dtype, device = first.dtype, first.device
+    basis, coefficients = basis.to(device), [c.to(device) for c in coefficients]
     registry = None
     if shared_key is not None:
         registry = shared_bases(model)

@@ -1,2 +1,35 @@
 """Running a model over token data: the forward passes that calibration, methods and evaluation
-share (below the methods, so a method may measure the model it is compressing)."""
+share (below the methods, so a method may measure the model it is compressing).
+
+``runtime=full`` runs the whole model where it is; ``runtime=sequential`` keeps the weights on the
+CPU and runs one decoder block at a time on the device (``sequential.BlockRunner``). Importing the
+package registers the ``runtime`` group's schemas (``options``).
+"""
+
+from basis_sharing.runtime.options import (
+    FULL,
+    HIDDEN_STATES,
+    RUNTIMES,
+    SEQUENTIAL,
+    check_runtime,
+    hidden_device,
+    make_runner,
+    weight_device,
+)
+from basis_sharing.runtime.sequential import Block, BlockRunner, LayerCall, Pass, layer_units
+
+__all__ = [
+    "FULL",
+    "HIDDEN_STATES",
+    "RUNTIMES",
+    "SEQUENTIAL",
+    "Block",
+    "BlockRunner",
+    "LayerCall",
+    "Pass",
+    "check_runtime",
+    "hidden_device",
+    "layer_units",
+    "make_runner",
+    "weight_device",
+]
