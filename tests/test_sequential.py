@@ -337,6 +337,86 @@ def test_the_embedded_model_block_by_block(embedded_cache, tmp_path):
         assert scores[1] == pytest.approx(scores[0], rel=1e-4), method_name
 
 
+# ---------------------------------------------------------------- a whole run
+
+
+@pytest.mark.parametrize(
+    "method", [("method=basis_sharing",), ("method=svd_llm", "method.update=true", "ratio=0.4")]
+)
+def test_a_run_with_runtime_sequential_records_what_runtime_full_does(
+    method, tiny_model_dir, tiny_mirror, tmp_path
+):
+    from conftest import compose_config, tiny_run_overrides
+
+    from basis_sharing import pipeline
+
+    records = {}
+    for runtime in ("full", "sequential"):
+        cfg = compose_config(
+            *tiny_run_overrides(tiny_model_dir, tiny_mirror, *method),
+            f"runtime={runtime}",
+            "calibration=wikitext2_cpu",
+            "calibration.n_samples=4",
+            "calibration.seq_len=32",
+            "calibration.gram_dtype=float64",
+            "model.calib_batch_size=2",
+            "eval.max_windows=2",
+            "eval.ppl_datasets=[wikitext2,ptb]",
+            "ratio_tolerance=0.05",  # rank rounding on 64-wide matrices
+            f"paths.cache_dir={tmp_path}/{runtime}/cache",  # each run computes its own Grams
+        )
+        records[runtime] = pipeline.run(cfg, out_dir=tmp_path / runtime)
+    full, seq = records["full"], records["sequential"]
+    assert seq["status"] == full["status"] == "completed"
+    assert seq["config"]["runtime"] == {"name": "sequential", "hidden_states": "cpu"}
+    assert seq["calibration"]["stats_key"] == full["calibration"]["stats_key"]
+    assert not seq["calibration"]["cache_hit"] and not full["calibration"]["cache_hit"]
+    assert seq["method_info"]["groups"] == full["method_info"]["groups"]
+    assert seq["params"] == full["params"]
+    for name in ("wikitext2", "ptb"):
+        got, want = seq["metrics"]["perplexity"][name], full["metrics"]["perplexity"][name]
+        assert got["n_windows_evaluated"] == want["n_windows_evaluated"] == 2
+        assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-4)
+
+
+def test_a_saved_model_with_shared_bases_is_evaluated_block_by_block(
+    tiny_model_dir, tiny_mirror, tmp_path
+):
+    from conftest import compose_config, tiny_run_overrides
+
+    from basis_sharing import pipeline
+
+    common = [
+        "eval.max_windows=2",
+        "eval.ppl_datasets=[wikitext2]",
+        "ratio_tolerance=0.05",
+        f"paths.cache_dir={tmp_path}/cache",
+    ]
+    saved = pipeline.run(
+        compose_config(
+            *tiny_run_overrides(tiny_model_dir, tiny_mirror, "method=basis_sharing"),
+            "calibration=wikitext2_cpu",
+            "calibration.n_samples=4",
+            "calibration.seq_len=32",
+            "save_model=true",
+            *common,
+        ),
+        out_dir=tmp_path / "compress",
+    )
+    assert any(len(g["layers"]) > 1 for g in saved["method_info"]["groups"])  # shared bases
+    loaded = pipeline.run(
+        compose_config(
+            *tiny_run_overrides(tiny_model_dir, tiny_mirror, "method=none"),
+            f"load_model={saved['saved_model']}",
+            "runtime=sequential",
+            *common,
+        ),
+        out_dir=tmp_path / "evaluate",
+    )
+    got, want = (r["metrics"]["perplexity"]["wikitext2"]["ppl"] for r in (loaded, saved))
+    assert got == pytest.approx(want, rel=1e-6)
+
+
 # ---------------------------------------------------------------- placement
 
 

@@ -8,7 +8,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from basis_sharing.calibration.cache import stats_key
-from basis_sharing.calibration.collect import collect_statistic
+from basis_sharing.calibration.statistics import collect_statistics
+from basis_sharing.runtime import make_runner
 from basis_sharing.stages.state import RunState
 
 
@@ -18,6 +19,7 @@ def calibrate(state: RunState) -> None:
     Cache keys cover the model identity, the calibration token ids (hence tokenizer, dataset,
     split, sample count, length and seed), the statistic and the Gram accumulation dtype. The key
     of the whole calibration setup (``state.stats_key``) lets a sweep reuse decompositions.
+    The missing forward statistics share one hooked pass, block by block with runtime=sequential.
     """
     cfg, record = state.cfg, state.record
     gram_dtype = cfg.calibration.gram_dtype
@@ -30,22 +32,22 @@ def calibrate(state: RunState) -> None:
         "gram_dtype": gram_dtype,
         "tokens": int(state.calibration_ids.numel()),
     }
-    state.stats = {}
-    for name in sorted(needed):
-        key, collected, hit = collect_statistic(
-            name,
-            state.model,
-            state.family,
-            state.calibration_ids,
-            cfg.model.calib_batch_size,
-            gram_dtype,
-            identity,
-            calibration_hash,
-            cache_dir,
-            meta,
-        )
-        state.stats[name] = collected
-        summary[name] = {"stats_key": key, "cache_hit": hit}
+    collected = collect_statistics(
+        sorted(needed),
+        state.model,
+        state.family,
+        state.calibration_ids,
+        cfg.model.calib_batch_size,
+        gram_dtype,
+        identity,
+        calibration_hash,
+        cache_dir,
+        meta,
+        runner=make_runner(cfg.runtime, state.model, state.family, state.plan.device),
+    )
+    state.stats = {name: c.value for name, c in collected.items()}
+    for name, c in collected.items():
+        summary[name] = {"stats_key": c.key, "cache_hit": c.cache_hit}
     state.stats_key = stats_key(identity, calibration_hash, gram_dtype)
     summary["stats_key"] = state.stats_key
     summary["cache_hit"] = all(v["cache_hit"] for k, v in summary.items() if k in needed)

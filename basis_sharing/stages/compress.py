@@ -9,6 +9,7 @@ import torch
 from basis_sharing.evaluation.params import parameter_report
 from basis_sharing.evaluation.throughput import rank_above_break_even, summarize_break_even
 from basis_sharing.methods.registry import CompressionContext
+from basis_sharing.runtime import make_runner
 from basis_sharing.stages.checks import check_ratio
 from basis_sharing.stages.state import RunState
 from basis_sharing.tracking.record import RunRecord
@@ -28,6 +29,7 @@ def compress(state: RunState) -> None:
         caches=state.caches,
         stats_key=state.stats_key,
         gram_dtype=getattr(torch, cfg.calibration.gram_dtype),
+        runner=make_runner(cfg.runtime, state.model, state.family, plan.device),
     )
     record["method_info"] = plan.method.compress(state.model, state.family, ctx)
     account(state)

@@ -13,6 +13,7 @@ from basis_sharing.evaluation.generation import generation_samples
 from basis_sharing.evaluation.perplexity import perplexity
 from basis_sharing.evaluation.throughput import default_batch_size, measure_speed, speedups
 from basis_sharing.evaluation.zeroshot import evaluate_zeroshot
+from basis_sharing.runtime import make_runner
 from basis_sharing.stages.state import RunState
 
 log = logging.getLogger(__name__)
@@ -30,9 +31,11 @@ def generate(state: RunState) -> None:
 
 
 def evaluate_perplexity(state: RunState) -> None:
-    """Perplexity on every configured dataset (docs/methods.md §7.1)."""
+    """Perplexity on every configured dataset (docs/methods.md §7.1), block by block with
+    runtime=sequential."""
     cfg, record = state.cfg, state.record
     batch_size = cfg.eval.batch_size or cfg.model.eval_batch_size
+    runner = make_runner(cfg.runtime, state.model, state.family, state.plan.device)
     results = record["metrics"].setdefault("perplexity", {})
     for name, ids in state.inputs.ppl_ids.items():
         result = perplexity(
@@ -42,6 +45,7 @@ def evaluate_perplexity(state: RunState) -> None:
             dataset=name,
             batch_size=batch_size,
             max_windows=cfg.eval.max_windows,
+            runner=runner,
         )
         results[name] = result.as_dict()
         log.info(

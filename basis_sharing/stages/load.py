@@ -10,6 +10,7 @@ from pathlib import Path
 
 from basis_sharing.models.compressed_io import load_compressed, read_manifest
 from basis_sharing.models.loading import ModelSource, load_tokenizer
+from basis_sharing.runtime import weight_device
 from basis_sharing.stages.compress import account
 from basis_sharing.stages.state import RunState
 
@@ -24,9 +25,10 @@ def resolve_saved(state: RunState) -> None:
 
 
 def load_saved(state: RunState) -> None:
-    """The compressed model (integrity-checked) on the run's device, and its parameter report."""
+    """The compressed model (integrity-checked) where the runtime keeps its weights, and its
+    parameter report."""
     record = state.record
-    loaded = load_compressed(state.saved, state.plan.device)
+    loaded = load_compressed(state.saved, weight_device(state.cfg.runtime, state.plan.device))
     state.model, state.family = loaded.model, loaded.family
     record["loaded_compression"] = loaded.manifest["info"]
     record["target_ratio"] = loaded.manifest["info"].get("target_ratio")

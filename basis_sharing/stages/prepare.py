@@ -18,6 +18,7 @@ from basis_sharing.evaluation.perplexity import PPL_SPLITS
 from basis_sharing.evaluation.throughput import throughput_blocks
 from basis_sharing.evaluation.zeroshot import resolve_tasks
 from basis_sharing.models.loading import load_model, load_tokenizer, resolve_source
+from basis_sharing.runtime import weight_device
 from basis_sharing.stages.checks import check_shapes
 from basis_sharing.stages.state import Corpora, EvalInputs, RunState
 
@@ -97,7 +98,12 @@ def save_calibration_ids(ids: torch.Tensor, out_dir: Path) -> None:
 
 
 def load_base_model(state: RunState) -> None:
-    """The dense weights on the run's device, and their projection-weight count."""
-    state.model, state.family = load_model(state.cfg.model, state.source, state.plan.device)
+    """The dense weights where the runtime keeps them, and their projection-weight count.
+
+    runtime=full: on the run's device; runtime=sequential: on the CPU (one block at a time goes
+    to the device).
+    """
+    where = weight_device(state.cfg.runtime, state.plan.device)
+    state.model, state.family = load_model(state.cfg.model, state.source, where)
     state.dense_weights = dense_projection_weights(state.model, state.family)
     state.record["model"]["family"] = state.family.name
