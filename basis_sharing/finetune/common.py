@@ -34,7 +34,7 @@ class TrainingConfig(FinetuneConfig):
     """Training settings both fine-tuners have; defaults are the paper's LoRA run (§6.2)."""
 
     dataset: str = "wikitext2"
-    train_split: str = "train"  # the paper's; the offline mirror has none (experiment=finetune_smollm: validation)
+    train_split: str = "train"  # the paper's; the offline mirror has none (see finetune_smollm)
     eval_split: str = "validation"  # the per-epoch evaluation loss (and the best epoch)
     holdout_fraction: float = 0.1  # train_split == eval_split: last blocks held out for eval
     block_len: int | None = None  # tokens per block; None: model.context_length
