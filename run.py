@@ -3,7 +3,9 @@
 import hydra
 
 import basis_sharing.config  # noqa: F401  (registers the config schemas and resolvers)
+import basis_sharing.finetune  # noqa: F401  (registers every fine-tuner and its schema)
 import basis_sharing.methods  # noqa: F401  (registers every method and its config schema)
+import basis_sharing.runtime  # noqa: F401  (registers the runtime options' schemas)
 from basis_sharing import pipeline
 from basis_sharing.methods.caches import SweepCaches
 

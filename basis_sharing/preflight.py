@@ -21,10 +21,11 @@ from basis_sharing.errors import ConfigError, unknown_choice
 from basis_sharing.evaluation.perplexity import PPL_SPLITS
 from basis_sharing.finetune.registry import get_finetuner
 from basis_sharing.methods import get_method
-from basis_sharing.methods.registry import CompressionMethod
+from basis_sharing.methods.registry import METHODS, CompressionMethod
 from basis_sharing.models.compressed_io import read_manifest, require_tokenizer
 from basis_sharing.models.families import get_family
 from basis_sharing.models.loading import check_model_dir
+from basis_sharing.runtime import check_runtime
 from basis_sharing.stages.state import Plan
 
 
@@ -34,6 +35,7 @@ def validate(cfg: DictConfig) -> Plan:
     method = get_method(cfg.method)
     family = get_family(cfg.model.family) if cfg.model.family else None
     method.check_config(family)
+    check_runtime(cfg.runtime, method, sequential_methods())
     for name in cfg.eval.ppl_datasets:
         if name not in PPL_SPLITS:
             raise unknown_choice("perplexity dataset (eval.ppl_datasets)", name, list(PPL_SPLITS))
@@ -44,7 +46,42 @@ def validate(cfg: DictConfig) -> Plan:
     if method.needs_calibration:
         check_calibration_source(cfg)
     finetuner = get_finetuner(cfg.finetune, cfg)
-    return Plan(method=method, device=resolve_device(cfg.device), finetuner=finetuner)
+    device = resolve_device(cfg.device)
+    check_sequential_evaluation(cfg, device)
+    return Plan(method=method, device=device, finetuner=finetuner)
+
+
+def sequential_methods() -> list[str]:
+    """The compressing methods that run block by block (suggested when one cannot)."""
+    return [n for n, c in METHODS.items() if c.supports_sequential and c.compresses]
+
+
+def check_sequential_evaluation(cfg: DictConfig, device: torch.device) -> None:
+    """runtime=sequential on an accelerator: only stages that run block by block.
+
+    Calibration, compression, the updates and perplexity run one decoder block at a time; the
+    generation samples, lm-eval's zero-shot tasks and the throughput measurement run the whole
+    model, whose weights runtime=sequential keeps on the CPU. On the CPU that is the device, so
+    they run as usual.
+    """
+    if cfg.runtime.name != "sequential" or device.type == "cpu":
+        return
+    whole = [
+        key
+        for key, asked in (
+            ("eval.generation.prompts", bool(cfg.eval.generation.prompts)),
+            ("eval.zeroshot.tasks", bool(cfg.eval.zeroshot.tasks)),
+            ("eval.throughput.enabled", bool(cfg.eval.throughput.enabled)),
+        )
+        if asked
+    ]
+    if whole:
+        raise ConfigError(
+            f"runtime=sequential on {device} runs calibration, compression and perplexity one "
+            f"decoder block at a time, but {', '.join(whole)} need(s) the whole model on the "
+            "device, and runtime=sequential keeps the weights on the CPU. Use eval=ppl (or clear "
+            "those settings) with runtime=sequential, or runtime=full."
+        )
 
 
 def resolve_device(name: str) -> torch.device:

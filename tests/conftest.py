@@ -37,6 +37,7 @@ def compose_config(*overrides: str):
     import basis_sharing.config  # noqa: F401  (registers the schemas and resolvers)
     import basis_sharing.finetune  # noqa: F401  (registers the fine-tuners' schemas)
     import basis_sharing.methods  # noqa: F401  (registers every method and its config schema)
+    import basis_sharing.runtime  # noqa: F401  (registers the runtime options' schemas)
 
     GlobalHydra.instance().clear()
     try:
