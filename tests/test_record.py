@@ -130,3 +130,28 @@ def test_summary_table_lists_every_dataset_and_stage():
     assert "12.35" in table and "4/149" in table and "truncated" in table
     assert "1.23e+05" in table and "full protocol" in table
     assert "load_model" in table and "700.0" in table
+
+
+def test_the_summary_shows_the_splits_a_finetuned_run_trained_on():
+    from basis_sharing.tracking.record import summary_table
+
+    data = {
+        "model": {"name": "smollm2_135m"},
+        "method": "basis_sharing",
+        "target_ratio": 0.2,
+        "status": "completed",
+        "finetune": {
+            "name": "lora",
+            "data": {
+                "train": {"dataset": "wikitext2", "split": "validation", "blocks": 9},
+                "eval": {"dataset": "wikitext2", "split": "validation", "blocks": 1},
+            },
+            "eval_loss": [3.25, 3.125],
+            "best_epoch": 2,
+        },
+    }
+    assert summary_table(data).splitlines()[1] == (
+        "finetune lora | train wikitext2 validation | eval wikitext2 validation | "
+        "eval loss 3.2500 3.1250 (kept epoch 2)"
+    )
+    assert "finetune" not in summary_table({**data, "finetune": None})

@@ -158,6 +158,22 @@ def _throughput_lines(throughput: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _finetune_lines(finetune: dict[str, Any]) -> list[str]:
+    """The fine-tuner, the splits it trained and evaluated on, and its losses."""
+    if not finetune:
+        return []
+    data = finetune.get("data") or {}
+    splits = " | ".join(
+        f"{role} {d.get('dataset')} {d.get('split')}" for role, d in data.items() if d
+    )
+    line = f"finetune {finetune.get('name')}" + (f" | {splits}" if splits else "")
+    evals = finetune.get("eval_loss") or []
+    if evals:
+        best = finetune.get("best_epoch")
+        line += f" | eval loss {' '.join(f'{v:.4f}' for v in evals)} (kept epoch {best})"
+    return [line]
+
+
 def summary_table(data: dict[str, Any]) -> str:
     """A short plain-text summary of a run record (printed at the end of every run)."""
     params = section(data, Key.PARAMS)
@@ -180,6 +196,7 @@ def summary_table(data: dict[str, Any]) -> str:
             lines.append(
                 f"{name:<11}{_fmt_ppl(r['ppl']):>10}{windows:>12}{r['n_tokens']:>10}  {note}"
             )
+    lines += _finetune_lines(section(data, Key.FINETUNE))
     lines += _zeroshot_lines(schema.zeroshot(data))
     lines += _throughput_lines(schema.throughput(data))
     for sample in data.get(Key.GENERATION_SAMPLES) or []:
