@@ -15,7 +15,7 @@ from torch import nn
 from basis_sharing.finetune.common import TrainingConfig, TrainingFinetuner
 from basis_sharing.finetune.registry import FinetuneContext, register_finetuner
 from basis_sharing.models.families import FamilyAdapter
-from basis_sharing.modules import SHARED_BASES, SharedBasisLinear
+from basis_sharing.modules import SHARED_BASES, CompressedLinear
 
 
 @dataclass
@@ -33,8 +33,9 @@ def check_bases_shared(model: nn.Module) -> int:
     """Every member's basis is its group's registry entry; returns the number of shared bases."""
     registry = getattr(model, SHARED_BASES, None)
     for module in model.modules():
-        if isinstance(module, SharedBasisLinear) and module.basis is not registry[module.basis_key]:
-            raise RuntimeError(f"a member of {module.basis_key} no longer uses the shared basis")
+        key = module.shared_basis_key if isinstance(module, CompressedLinear) else None
+        if key is not None and module.basis is not registry[key]:
+            raise RuntimeError(f"a member of {key} no longer uses the shared basis")
     return 0 if registry is None else len(registry)
 
 

@@ -23,7 +23,7 @@ from basis_sharing.finetune.loop import CHECKPOINT_DIR
 from basis_sharing.finetune.registry import FinetuneContext, register_finetuner
 from basis_sharing.finetune.targets import candidates, check_targets, select, summary
 from basis_sharing.models.families import FamilyAdapter
-from basis_sharing.modules import SHARED_BASES, SharedBasisLinear
+from basis_sharing.modules import SHARED_BASES, CompressedLinear
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,10 @@ def check_one_adapter_per_basis(model: nn.Module, shared: list[str]) -> None:
         if not isinstance(registry[key], LoraLayer):
             raise RuntimeError(f"the shared basis {name} got no adapter")
     for module in model.modules():
-        if isinstance(module, SharedBasisLinear) and f"{SHARED_BASES}.{module.basis_key}" in shared:
-            if module.basis is not registry[module.basis_key]:
-                raise RuntimeError(f"a member of {module.basis_key} does not see its adapter")
+        key = module.shared_basis_key if isinstance(module, CompressedLinear) else None
+        if key is not None and f"{SHARED_BASES}.{key}" in shared:
+            if module.basis is not registry[key]:
+                raise RuntimeError(f"a member of {key} does not see its adapter")
 
 
 @register_finetuner("lora", schema=LoraFinetuneConfig)

@@ -28,7 +28,7 @@ from torch import nn
 
 from basis_sharing.errors import ConfigError, unknown_choice
 from basis_sharing.models.families import FamilyAdapter
-from basis_sharing.modules import SHARED_BASES, CompressedLinear, SharedBasisLinear
+from basis_sharing.modules import SHARED_BASES, CompressedLinear
 
 TARGET_CHOICES = ("paper", "coefficients", "shared_bases", "all")
 PAPER_KINDS = ("q", "v", "attn")  # PEFT's default LoRA targets: q_proj, v_proj; GPT-2 c_attn
@@ -59,9 +59,9 @@ def candidates(model: nn.Module, family: FamilyAdapter) -> list[Candidate]:
                 found.append(Candidate(name, "dense", kind, (i,)))
                 continue
             found.append(Candidate(f"{name}.coefficient", "coefficient", kind, (i,)))
-            if isinstance(module, SharedBasisLinear):
-                shared_users.setdefault(module.basis_key, []).append(i)
-                shared_kind[module.basis_key] = kind
+            if module.shared_basis_key is not None:
+                shared_users.setdefault(module.shared_basis_key, []).append(i)
+                shared_kind[module.shared_basis_key] = kind
             elif isinstance(getattr(module, "basis", None), nn.Module):
                 found.append(Candidate(f"{name}.basis", "private_basis", kind, (i,)))
     registry = getattr(model, SHARED_BASES, None)

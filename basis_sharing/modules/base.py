@@ -60,6 +60,12 @@ class CompressedLinear(nn.Module, ABC):
 
     # ---- shape ---------------------------------------------------------------------------
     @property
+    def shared_basis_key(self) -> str | None:
+        """The ``model.shared_bases`` key of the basis this module shares with its group; None
+        when it keeps its factors to itself (what fine-tuners ask instead of the type)."""
+        return None
+
+    @property
     @abstractmethod
     def rank(self) -> int: ...
 

@@ -47,6 +47,10 @@ class SharedBasisLinear(TwoFactorLinear):
         self.coefficient = coefficient
 
     @property
+    def shared_basis_key(self) -> str:
+        return self.basis_key
+
+    @property
     def basis(self) -> nn.Module:
         return self._registry[self.basis_key]
 
