@@ -458,3 +458,74 @@ def test_the_finetune_section_is_validated_and_its_losses_go_to_wandb_as_series(
     ]
     assert run.metrics["finetune.train_loss"] == "finetune.step"
     assert run.metrics["finetune.eval_loss"] == "finetune.epoch"
+
+
+# ---- targets checked from the rank plan, before any weight is loaded ---------------------------
+
+
+def planned_and_built(family_name: str, method_settings: dict):
+    """(candidates predicted from the method's plan, candidates of the model it builds)."""
+    import basis_sharing.methods  # noqa: F401  (registers every method)
+    from basis_sharing.finetune.targets import candidates, planned_candidates
+    from basis_sharing.methods.factorized import install
+    from basis_sharing.methods.registry import get_method
+
+    model = make_tiny_model(family_name)
+    family = family_for_model_type(model.config.model_type)
+    method = get_method(OmegaConf.create(method_settings))
+    plans = method.shape_plan(model, family, 0.3) if method.compresses else []
+    predicted = planned_candidates(plans, family, len(family.layers(model)))
+    layers = family.layers(model)
+    for plan in plans:
+        basis = torch.randn(plan.d_in, plan.rank)
+        install(
+            model,
+            layers,
+            family,
+            plan,
+            basis,
+            [torch.randn(plan.rank, plan.d_out)] * len(plan.layers),
+        )
+    return predicted, candidates(model, family)
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"name": "basis_sharing", "group_size": 3},  # 4 layers: a group of 3 and one private
+        {"name": "svd_llm"},
+        {"name": "dense"},
+    ],
+    ids=["basis_sharing_g3", "svd_llm", "dense"],
+)
+def test_the_planned_candidates_are_those_of_the_built_model(family_name, settings):
+    predicted, built = planned_and_built(family_name, settings)
+    assert predicted == built
+    roles = {c.role for c in built}
+    if settings["name"] == "basis_sharing":
+        assert {"coefficient", "shared_basis", "private_basis"} <= roles
+    if settings["name"] == "dense":
+        assert roles == {"dense"}
+
+
+def test_a_pattern_matching_nothing_is_refused_before_the_model_loads(
+    tiny_model_dir, tiny_mirror, tmp_path, no_model_load
+):
+    from conftest import compose_config
+
+    from basis_sharing import pipeline
+
+    cfg = compose_config(
+        *run_overrides(
+            tiny_model_dir,
+            tiny_mirror,
+            tmp_path,
+            "finetune=lora",
+            "finetune.train_split=validation",
+            "finetune.targets=[shared_bases.*]",  # method=svd: no shared basis
+        )
+    )
+    with pytest.raises(ConfigError, match=r"pattern 'shared_bases\.\*' matches no module") as err:
+        pipeline.run(cfg, out_dir=tmp_path / "run")
+    assert "model.layers.0.self_attn.q_proj.coefficient" in str(err.value)

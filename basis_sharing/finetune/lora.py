@@ -21,7 +21,13 @@ from basis_sharing.errors import ConfigError
 from basis_sharing.finetune.common import TrainingConfig, TrainingFinetuner
 from basis_sharing.finetune.loop import CHECKPOINT_DIR
 from basis_sharing.finetune.registry import FinetuneContext, register_finetuner
-from basis_sharing.finetune.targets import candidates, check_targets, select, summary
+from basis_sharing.finetune.targets import (
+    candidates,
+    check_targets,
+    planned_candidates,
+    select,
+    summary,
+)
 from basis_sharing.models.families import FamilyAdapter
 from basis_sharing.modules import SHARED_BASES, CompressedLinear
 
@@ -92,6 +98,12 @@ class LoraFinetuner(TrainingFinetuner):
 
     def check_config(self) -> None:
         LoraFinetuneConfig.check(self.cfg)
+
+    def check_shapes(self, model: nn.Module, family: FamilyAdapter, plans: list | None) -> None:
+        """``finetune.targets`` must match a module of the compressed model the plan describes."""
+        if plans is not None:
+            found = planned_candidates(plans, family, len(family.layers(model)))
+            select(found, plain_targets(self.cfg.targets))
 
     def adapt(self, model: nn.Module, family: FamilyAdapter):
         """The PEFT-wrapped model and the summary of where its adapters sit.

@@ -55,6 +55,13 @@ class Finetuner:
         Runs during validation, before any model is loaded, with the whole composed config.
         """
 
+    def check_shapes(self, model: nn.Module, family: FamilyAdapter, plans: list | None) -> None:
+        """Refuse what the compressed model's shapes make wrong, before any weight is loaded.
+
+        ``model`` is the base model on the meta device; ``plans`` the method's rank plan
+        (``[]``: nothing is compressed; None: the plan needs data, so only the stage can check).
+        """
+
     def finetune(self, model: nn.Module, family: FamilyAdapter, ctx: FinetuneContext) -> dict:
         raise NotImplementedError
 

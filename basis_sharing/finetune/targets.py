@@ -22,13 +22,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from basis_sharing.errors import ConfigError, unknown_choice
 from basis_sharing.models.families import FamilyAdapter
 from basis_sharing.modules import SHARED_BASES, CompressedLinear
+
+if TYPE_CHECKING:
+    from basis_sharing.methods.plan import GroupPlan
 
 TARGET_CHOICES = ("paper", "coefficients", "shared_bases", "all")
 PAPER_KINDS = ("q", "v", "attn")  # PEFT's default LoRA targets: q_proj, v_proj; GPT-2 c_attn
@@ -75,6 +78,32 @@ def candidates(model: nn.Module, family: FamilyAdapter) -> list[Candidate]:
                     tuple(shared_users[key]),
                 )
             )
+    return found
+
+
+def planned_candidates(plans: Sequence[GroupPlan], family: FamilyAdapter, n_layers: int):
+    """The candidates the compressed model will have, from the method's rank plan alone.
+
+    Equal to ``candidates`` of the model that ``plans`` produce (tests/test_finetune_targets.py), so
+    ``finetune.targets`` is checked before any weight is loaded. ``plans`` empty: a dense model.
+    """
+    planned = {(i, p.kind): p for p in plans for i in p.layers}
+    found: list[Candidate] = []
+    for i in range(n_layers):
+        for kind in family.kinds:
+            name = f"{family.layers_path}.{i}.{family.projection(kind).path}"
+            plan = planned.get((i, kind))
+            if plan is None:
+                found.append(Candidate(name, "dense", kind, (i,)))
+                continue
+            found.append(Candidate(f"{name}.coefficient", "coefficient", kind, (i,)))
+            if plan.basis_key is None:
+                found.append(Candidate(f"{name}.basis", "private_basis", kind, (i,)))
+    found += [
+        Candidate(f"{SHARED_BASES}.{p.basis_key}", "shared_basis", p.kind, tuple(p.layers))
+        for p in plans
+        if p.basis_key is not None
+    ]
     return found
 
 

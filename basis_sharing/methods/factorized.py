@@ -168,12 +168,11 @@ class FactorizedMethod(CompressionMethod):
 def install(model, layers, family, plan: GroupPlan, basis, coefficients) -> None:
     """Replace the projections of ``plan``'s layers by the factorised modules.
 
-    A shared group's basis is registered as ``model.shared_bases["<kind>_g<group index>"]``.
+    A shared group's basis is registered as ``model.shared_bases[plan.basis_key]``.
     """
     path = family.projection(plan.kind).path
-    key = f"{plan.kind}_g{plan.index}" if plan.shared else None
     leaves = [(layers[member], path) for member in plan.layers]
-    install_factors(model, leaves, basis, coefficients, shared_key=key)
+    install_factors(model, leaves, basis, coefficients, shared_key=plan.basis_key)
 
 
 def snapshot_weights(

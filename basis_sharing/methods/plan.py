@@ -35,6 +35,11 @@ class GroupPlan:
         return len(self.layers) > 1
 
     @property
+    def basis_key(self) -> str | None:
+        """The shared basis's name in ``model.shared_bases`` (None: a private factorisation)."""
+        return f"{self.kind}_g{self.index}" if self.shared else None
+
+    @property
     def params(self) -> int:
         """Weights kept: the basis once, one coefficient matrix per member."""
         return self.d_in * self.rank + len(self.layers) * self.rank * self.d_out

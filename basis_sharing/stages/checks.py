@@ -4,7 +4,8 @@
 weights are allocated, seconds even for 30B), so that everything the shapes decide is refused
 before the weights are loaded and calibrated: a context longer than the model's positions,
 projection kinds the family does not have, a group size above the layer count, a ratio that leaves
-a rank of 0, and an achieved ratio (from the method's rank plan) outside the tolerance.
+a rank of 0, an achieved ratio (from the method's rank plan) outside the tolerance, and fine-tuning
+targets that match no module of the compressed model the plan describes.
 ``check_ratio`` refuses the same miss on the compressed model's counted parameters.
 """
 
@@ -16,6 +17,7 @@ from omegaconf import DictConfig
 
 from basis_sharing.errors import UserError
 from basis_sharing.evaluation.params import dense_projection_weights
+from basis_sharing.finetune.registry import Finetuner
 from basis_sharing.methods.plan import planned_params
 from basis_sharing.methods.registry import CompressionMethod
 from basis_sharing.models.families import FamilyAdapter, family_for_model_type, get_family
@@ -28,7 +30,12 @@ from basis_sharing.models.loading import (
 )
 
 
-def check_shapes(cfg: DictConfig, method: CompressionMethod, source: ModelSource) -> dict[str, Any]:
+def check_shapes(
+    cfg: DictConfig,
+    method: CompressionMethod,
+    source: ModelSource,
+    finetuner: Finetuner | None = None,
+) -> dict[str, Any]:
     """Checks from the model's config and shapes; returns what they found, for the record."""
     hf_config = read_model_config(source.path)
     check_context_length(hf_config, cfg.model.context_length, cfg.model.name)
@@ -46,6 +53,8 @@ def check_shapes(cfg: DictConfig, method: CompressionMethod, source: ModelSource
         predicted = 1.0 - planned_params(plans, dense)["kept"] / dense
         found["predicted_ratio"] = predicted
         check_ratio(predicted, cfg.ratio, cfg.ratio_tolerance, planned=True)
+    if finetuner is not None:
+        finetuner.check_shapes(model, family, plans if method.compresses else [])
     return found
 
 

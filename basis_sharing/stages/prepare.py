@@ -57,7 +57,7 @@ def resolve_model(state: RunState) -> None:
     state.source = resolve_source(cfg.model, cfg.paths.cache_dir, cfg.offline)
     record["model"].update(state.source.provenance)
     # Before the tokenizer and far before the weights: what the shapes decide.
-    record["preflight"] = check_shapes(cfg, state.plan.method, state.source)
+    record["preflight"] = check_shapes(cfg, state.plan.method, state.source, state.plan.finetuner)
     state.tokenizer = load_tokenizer(state.source)
 
 
