@@ -15,10 +15,14 @@ from basis_sharing.models.families import FamilyAdapter, dense_projection_weight
 from basis_sharing.modules import SHARED_BASES, count_kept
 
 
-def projection_modules(model: nn.Module, family: FamilyAdapter) -> list[nn.Module]:
-    """Every projection leaf, plus the registry of bases shared by compressed layer groups."""
+def projection_modules(
+    model: nn.Module, family: FamilyAdapter, kinds: tuple[str, ...] | None = None
+) -> list[nn.Module]:
+    """Every projection leaf (of ``kinds``; None: all), plus the registry of shared bases."""
     modules = [
-        family.module(layer, kind) for layer in family.layers(model) for kind in family.kinds
+        family.module(layer, kind)
+        for layer in family.layers(model)
+        for kind in (family.kinds if kinds is None else kinds)
     ]
     registry = getattr(model, SHARED_BASES, None)
     return modules + ([registry] if registry is not None else [])
@@ -29,25 +33,51 @@ def count_total(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_projection_weights(model: nn.Module, family: FamilyAdapter) -> int:
+def count_projection_weights(
+    model: nn.Module, family: FamilyAdapter, kinds: tuple[str, ...] | None = None
+) -> int:
     """Kept projection weights: each module counts its own, a shared tensor counted once.
 
     The registry of shared bases comes last, so only a basis no projection uses is added there.
     """
     seen: set[int] = set()
-    return sum(count_kept(module, seen) for module in projection_modules(model, family))
+    return sum(count_kept(module, seen) for module in projection_modules(model, family, kinds))
 
 
-def parameter_report(model: nn.Module, family: FamilyAdapter, dense_projections: int) -> dict:
+def parameter_report(
+    model: nn.Module,
+    family: FamilyAdapter,
+    dense_projections: int,
+    budget: tuple[tuple[str, ...], int] | None = None,
+) -> dict:
     """Counts for results.json.
 
     Args:
         dense_projections: projection weights of the uncompressed model (before surgery).
+        budget: (kinds, their dense weights) when the method's ``ratio`` is a fraction of some
+            projection kinds only (e.g. FiPS: the MLP); the report then has a ``budget`` section
+            with the ratio achieved over those kinds, the one the target is checked against.
     """
     projections = count_projection_weights(model, family)
-    return {
+    report = {
         "total": count_total(model),
         "decoder_projections": projections,
         "dense_decoder_projections": dense_projections,
         "achieved_ratio": 1.0 - projections / dense_projections,
     }
+    if budget is not None:
+        kinds, dense = budget
+        kept = count_projection_weights(model, family, tuple(kinds))
+        report["budget"] = {
+            "kinds": list(kinds),
+            "dense": dense,
+            "kept": kept,
+            "achieved_ratio": 1.0 - kept / dense,
+        }
+    return report
+
+
+def budget_ratio(params: dict) -> float:
+    """The achieved ratio the target is checked against: over the budget's kinds, or all."""
+    budget = params.get("budget")
+    return budget["achieved_ratio"] if budget else params["achieved_ratio"]

@@ -20,6 +20,7 @@ from basis_sharing.linalg.whitening import whitening_factor
 from basis_sharing.methods.factorized import (
     FactorizedMethod,
     WhitenedSVDMethodConfig,
+    check_kinds,
     check_positive,
 )
 from basis_sharing.methods.plan import REMAINDER_RANKS, GroupPlan, narrow_kinds, resolve_kinds
@@ -55,6 +56,7 @@ class BasisSharing(FactorizedMethod):
     def check_config(self, family: FamilyAdapter | None) -> None:
         super().check_config(family)
         check_positive("eps", self.cfg.eps)  # eps = 0 leaves a rank-deficient Gram singular
+        check_kinds(self.cfg.get("kinds"), family)
         self.check_groups(family)
 
     def check_groups(self, family: FamilyAdapter | None) -> None:
@@ -93,11 +95,21 @@ class BasisSharing(FactorizedMethod):
     def kinds(
         self, family: FamilyAdapter, model: nn.Module
     ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        return resolve_kinds(family, *self.configured_kinds(), self.narrow(family, model))
+        return resolve_kinds(
+            family, *self.configured_kinds(), self.narrow(family, model), self.cfg.get("kinds")
+        )
+
+    def budget_kinds(self, family: FamilyAdapter) -> tuple[str, ...] | None:
+        """``method.kinds`` in the family's order (None: every kind, the default)."""
+        kinds = self.cfg.get("kinds")
+        return None if kinds is None else tuple(k for k in family.kinds if k in kinds)
 
     def private_by_rule(self, family: FamilyAdapter, model: nn.Module) -> tuple[str, ...]:
         """Kinds the family shares by default that the GQA rule made private for this model."""
-        return tuple(k for k in self.narrow(family, model) if k in family.shared)
+        compressed = self.budget_kinds(family) or family.kinds
+        return tuple(
+            k for k in self.narrow(family, model) if k in family.shared and k in compressed
+        )
 
     def compress(self, model: nn.Module, family: FamilyAdapter, ctx: CompressionContext) -> dict:
         by_rule = self.private_by_rule(family, model)  # from the dense shapes, before surgery
@@ -147,7 +159,7 @@ class SVDLLM(BasisSharing):
     def kinds(
         self, family: FamilyAdapter, model: nn.Module
     ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        return (), family.kinds
+        return (), self.budget_kinds(family) or family.kinds
 
     def private_by_rule(self, family: FamilyAdapter, model: nn.Module) -> tuple[str, ...]:
         return ()  # every kind is private by definition, not by the rule

@@ -46,6 +46,9 @@ class WhitenedSVDMethodConfig(FactorizedMethodConfig):
 
     eps: float = 1e-6  # added to -lambda_min when a Gram is not positive definite
     update: bool = False  # refit the coefficients on the compressed model's inputs
+    # Projection kinds to compress (None: every kind). The others stay dense, and ``ratio`` is
+    # the fraction removed from the named kinds' weights (e.g. [up, gate, down]: the MLP only).
+    kinds: list[str] | None = None
 
 
 def check_positive(key: str, value: float) -> None:
@@ -189,3 +192,17 @@ def snapshot_weights(
 def current_basis(module: nn.Module) -> torch.Tensor:
     """B (d_in, k) of a compressed projection."""
     return module.basis.weight.detach().T
+
+
+def check_kinds(kinds: list[str] | None, family: FamilyAdapter | None) -> None:
+    """``method.kinds``: None, or a non-empty list of distinct kinds of the family."""
+    if kinds is None:
+        return
+    if not kinds or len(set(kinds)) != len(kinds):
+        raise ConfigError(
+            f"method.kinds={list(kinds)} must name each projection kind to compress once "
+            "(null: every kind)."
+        )
+    if family is not None:
+        for kind in kinds:
+            family.projection(kind)  # an unknown kind fails here, listing the valid ones

@@ -84,21 +84,23 @@ def resolve_kinds(
     shared: Sequence[str] | None,
     private: Sequence[str] | None,
     narrow: Sequence[str] = (),
+    compressed: Sequence[str] | None = None,
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Shared and private kinds: the family's paper defaults unless the config names them.
 
-    Naming only one list makes every other kind of the family fall in the other list. ``narrow``
+    Naming only one list makes every other compressed kind fall in the other list. ``narrow``
     (from ``narrow_kinds``) moves those kinds to private in the defaults only: kinds the config
-    names always win.
+    names always win. ``compressed`` (``method.kinds``; None: every kind of the family) are the
+    kinds the two lists split; the others stay dense.
     """
-    kinds = family.kinds
-    for name in list(shared or []) + list(private or []) + list(narrow):
+    kinds = tuple(k for k in family.kinds if compressed is None or k in compressed)
+    for name in list(shared or []) + list(private or []) + list(narrow) + list(compressed or []):
         family.projection(name)  # unknown kinds fail here, listing the valid ones
     if shared is None and private is None:
-        if not set(narrow) & set(family.shared):
+        if compressed is None and not set(narrow) & set(family.shared):
             return family.shared, family.private
         return (
-            tuple(k for k in family.shared if k not in narrow),
+            tuple(k for k in family.shared if k not in narrow and k in kinds),
             tuple(k for k in kinds if k in family.private or k in narrow),
         )
     if shared is None:
@@ -107,11 +109,15 @@ def resolve_kinds(
         private = [k for k in kinds if k not in shared]
     overlap = set(shared) & set(private)
     missing = set(kinds) - set(shared) - set(private)
-    if overlap or missing:
+    outside = (set(shared) | set(private)) - set(kinds)
+    if overlap or missing or outside:
+        what = f"the {family.name} projections" if compressed is None else "method.kinds"
         raise ConfigError(
-            f"method.shared={list(shared)} and method.private={list(private)} must split the "
-            f"{family.name} projections {list(kinds)} exactly "
-            f"(in both: {sorted(overlap) or 'none'}, in neither: {sorted(missing) or 'none'})."
+            f"method.shared={list(shared)} and method.private={list(private)} must split "
+            f"{what} {list(kinds)} exactly "
+            f"(in both: {sorted(overlap) or 'none'}, in neither: {sorted(missing) or 'none'}"
+            + (f", not compressed: {sorted(outside)}" if outside else "")
+            + ")."
         )
     return tuple(k for k in kinds if k in shared), tuple(k for k in kinds if k in private)
 
@@ -128,7 +134,8 @@ def plan_groups(
     """Groups and ranks for every projection kind (docs/methods.md §3.2, §3.6).
 
     Shared kinds use consecutive groups of ``group_size`` layers and k from the budget rule with
-    n = group_size; private kinds use one group per layer (n = 1). A smaller last group keeps the
+    n = group_size; private kinds use one group per layer (n = 1); kinds in neither stay dense
+    (no plan). A smaller last group keeps the
     nominal k as the paper's code does (``remainder_rank="nominal"``) or gets k for its own size
     (``"own"``).
     """
@@ -136,7 +143,7 @@ def plan_groups(
         raise unknown_choice("method.remainder_rank", remainder_rank, REMAINDER_RANKS)
     layers = family.layers(model)
     plans: list[GroupPlan] = []
-    for kind in family.kinds:
+    for kind in (k for k in family.kinds if k in shared or k in private):
         size = group_size if kind in shared else 1
         for index, members in enumerate(layer_groups(len(layers), size)):
             d_in, d_out = family.shape(layers[members[0]], kind)

@@ -76,6 +76,14 @@ class CompressionMethod:
         Runs before any data or weights are read; raises ``ConfigError``.
         """
 
+    def budget_kinds(self, family: FamilyAdapter) -> tuple[str, ...] | None:
+        """The projection kinds whose weights ``ratio`` is the fraction removed of.
+
+        None (the default): every decoder projection. A method compressing some kinds only (FiPS:
+        the MLP; ``method.kinds``) names them, and the ratio is checked over their weights.
+        """
+        return None
+
     def shape_plan(self, model: nn.Module, family: FamilyAdapter, ratio: float) -> list | None:
         """The rank plan from the model's shapes alone (``model`` may live on the meta device).
 

@@ -223,15 +223,17 @@ def family_for_model_type(model_type: str) -> FamilyAdapter:
     raise unknown_choice("model_type (no family adapter)", model_type, supported)
 
 
-def dense_projection_weights(model: nn.Module, family: FamilyAdapter) -> int:
-    """What the projections hold uncompressed: sum of d_in * d_out (from their shapes).
+def dense_projection_weights(
+    model: nn.Module, family: FamilyAdapter, kinds: tuple[str, ...] | None = None
+) -> int:
+    """What the projections (of ``kinds``; None: every kind) hold uncompressed: sum of d_in d_out.
 
     Read from the shapes alone, so it works on the meta device and lives with the adapter: the
     methods (their planned parameters) and the evaluation (the achieved ratio) both need it.
     """
     total = 0
     for layer in family.layers(model):
-        for kind in family.kinds:
+        for kind in family.kinds if kinds is None else kinds:
             d_in, d_out = family.shape(layer, kind)
             total += d_in * d_out
     return total

@@ -49,10 +49,12 @@ def check_shapes(
     }
     plans = method.shape_plan(model, family, float(cfg.ratio)) if method.compresses else None
     if plans is not None:
-        dense = dense_projection_weights(model, family)
+        # Over the kinds the ratio is a fraction of (every projection unless the method says).
+        dense = dense_projection_weights(model, family, method.budget_kinds(family))
         predicted = 1.0 - planned_params(plans, dense)["kept"] / dense
         found["predicted_ratio"] = predicted
-        check_ratio(predicted, cfg.ratio, cfg.ratio_tolerance, planned=True)
+        kinds = method.budget_kinds(family)
+        check_ratio(predicted, cfg.ratio, cfg.ratio_tolerance, planned=True, kinds=kinds)
     if finetuner is not None:
         finetuner.check_shapes(model, family, plans if method.compresses else [])
     return found
@@ -62,8 +64,18 @@ def model_family(name: str | None, model_type: str) -> FamilyAdapter:
     return get_family(name) if name else family_for_model_type(model_type)
 
 
-def check_ratio(achieved: float, target: float, tolerance: float, planned: bool = False) -> None:
-    """Refuse a compression whose achieved ratio misses the target by more than ``tolerance``."""
+def check_ratio(
+    achieved: float,
+    target: float,
+    tolerance: float,
+    planned: bool = False,
+    kinds: tuple[str, ...] | None = None,
+) -> None:
+    """Refuse a compression whose achieved ratio misses the target by more than ``tolerance``.
+
+    Args:
+        kinds: the projection kinds the ratio is over (None: every decoder projection).
+    """
     if abs(achieved - target) <= tolerance:
         return
     what = (
@@ -72,9 +84,13 @@ def check_ratio(achieved: float, target: float, tolerance: float, planned: bool 
         else "Achieved compression of"
     )
     raise UserError(
-        f"{what} the decoder projections {'by ' if planned else 'is '}{achieved:.4f}, which misses "
+        f"{what} {scope(kinds)} {'by ' if planned else 'is '}{achieved:.4f}, which misses "
         f"the target ratio {target} by more than {tolerance * 100:.2f} percentage points "
         "(ratio_tolerance). Rank rounding on small matrices or a smaller last layer group "
         "(method.group_size that does not divide the layer count; method.remainder_rank=own "
         "sizes its rank to its own layers) can cause this."
     )
+
+
+def scope(kinds: tuple[str, ...] | None) -> str:
+    return "the decoder projections" if kinds is None else f"the {'/'.join(kinds)} projections"

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from basis_sharing.evaluation.params import parameter_report
+from basis_sharing.evaluation.params import budget_ratio, parameter_report
 from basis_sharing.evaluation.throughput import rank_above_break_even, summarize_break_even
 from basis_sharing.methods.registry import CompressionContext
 from basis_sharing.runtime import make_runner
@@ -34,13 +34,15 @@ def compress(state: RunState) -> None:
     record["method_info"] = plan.method.compress(state.model, state.family, ctx)
     account(state)
     if plan.method.compresses:
-        check_ratio(record["params"]["achieved_ratio"], cfg.ratio, cfg.ratio_tolerance)
+        kinds = state.budget[0] if state.budget else None
+        check_ratio(budget_ratio(record["params"]), cfg.ratio, cfg.ratio_tolerance, kinds=kinds)
 
 
 def account(state: RunState) -> None:
     """The parameter report of the model as it is now, and its break-even check."""
     record = state.record
-    record["params"] = parameter_report(state.model, state.family, state.dense_weights)
+    budget = state.budget
+    record["params"] = parameter_report(state.model, state.family, state.dense_weights, budget)
     planned = (record["method_info"] or {}).get("planned_params")
     if planned is not None:
         record["params"]["planned_decoder_projections"] = planned["kept"]

@@ -106,4 +106,7 @@ def load_base_model(state: RunState) -> None:
     where = weight_device(state.cfg.runtime, state.plan.device)
     state.model, state.family = load_model(state.cfg.model, state.source, where)
     state.dense_weights = dense_projection_weights(state.model, state.family)
+    kinds = state.plan.method.budget_kinds(state.family)
+    if kinds is not None:
+        state.budget = kinds, dense_projection_weights(state.model, state.family, kinds)
     state.record["model"]["family"] = state.family.name

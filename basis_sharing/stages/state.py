@@ -71,6 +71,8 @@ class RunState:
     model: nn.Module | None = None  # load_model; compressed in place by compress
     family: FamilyAdapter | None = None  # load_model
     dense_weights: int | None = None  # load_model: projection weights of the dense model
+    # load_model: (kinds, their dense weights) when the method's ratio covers some kinds only
+    budget: tuple[tuple[str, ...], int] | None = None
     stats: dict[str, Any] | None = None  # calibrate: statistics by name
     stats_key: str | None = None  # calibrate: key of the whole calibration setup
 

@@ -187,6 +187,12 @@ def summary_table(data: dict[str, Any]) -> str:
             f"params: total {params['total']:,} | decoder projections "
             f"{params['decoder_projections']:,} (achieved ratio {params['achieved_ratio']:.4f})"
         )
+        budget = params.get("budget")
+        if budget:
+            lines.append(
+                f"budget: {'/'.join(budget['kinds'])} projections {budget['kept']:,} of "
+                f"{budget['dense']:,} (achieved ratio {budget['achieved_ratio']:.4f})"
+            )
     ppl = schema.perplexity(data)
     if ppl:
         lines.append(f"{'dataset':<11}{'ppl':>10}{'windows':>12}{'tokens':>10}  note")

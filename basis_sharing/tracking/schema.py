@@ -154,6 +154,15 @@ class BreakEven(TypedDict):
     d_out: int
 
 
+class Budget(TypedDict):
+    """The kinds a method's ratio is a fraction of (``method.kinds``, FiPS's MLP) and its counts."""
+
+    kinds: list[str]
+    dense: int
+    kept: int
+    achieved_ratio: float
+
+
 class Params(TypedDict, total=False):
     total: int
     decoder_projections: int
@@ -161,6 +170,7 @@ class Params(TypedDict, total=False):
     achieved_ratio: float
     planned_decoder_projections: int
     above_break_even: list[BreakEven]
+    budget: Budget
 
 
 class _PerplexityRequired(TypedDict):
