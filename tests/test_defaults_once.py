@@ -32,7 +32,17 @@ GROUP_SCHEMAS = {
 def schema_of(group: str, values: dict[str, Any]) -> type:
     if group in GROUP_SCHEMAS:
         return GROUP_SCHEMAS[group]
-    return config.OPTION_SCHEMAS[group][values["name"]]
+    return config.OPTION_SCHEMAS[group][option_name(group, values)]
+
+
+def option_name(group: str, values: dict[str, Any]) -> str:
+    """The option's ``name``: its own, or that of the sibling it extends (a preset)."""
+    if "name" in values:
+        return values["name"]
+    for entry in values.get("defaults", []):
+        if isinstance(entry, str) and (CONF / group / f"{entry}.yaml").is_file():
+            return option_name(group, yaml.safe_load((CONF / group / f"{entry}.yaml").read_text()))
+    raise KeyError(f"no name in the {group} option {values}")
 
 
 def defaults_of(schema: type) -> dict[str, Any]:

@@ -31,7 +31,8 @@ from basis_sharing.methods.registry import (
 from basis_sharing.models.families import family_for_model_type, get_family
 
 CONF_METHOD = Path(__file__).resolve().parents[1] / "conf" / "method"
-STATISTICS = {"gram", "scale", "fisher"}  # what the calibration stage can hand a method
+# What the calibration stage can hand a method.
+STATISTICS = {"gram", "scale", "fisher", "mlp_inputs"}
 
 
 def build(name: str, **settings) -> CompressionMethod:
@@ -44,9 +45,19 @@ def build(name: str, **settings) -> CompressionMethod:
 # ---- what every registered method declares ------------------------------------------------------
 
 
-def test_every_method_has_a_yaml_and_every_yaml_a_method():
-    assert set(METHODS) == {p.stem for p in CONF_METHOD.glob("*.yaml")}
-    assert {"dense", "none", "svd", "fwsvd", "asvd", "svd_llm", "basis_sharing"} <= set(METHODS)
+def test_every_method_has_a_yaml_and_every_other_yaml_is_a_preset_of_one():
+    stems = {p.stem for p in CONF_METHOD.glob("*.yaml")}
+    assert set(METHODS) <= stems
+    for preset in sorted(stems - set(METHODS)):
+        text = yaml.safe_load((CONF_METHOD / f"{preset}.yaml").read_text())
+        # A preset extends one method's option and sets some of its settings (not its name).
+        assert text["defaults"][0] in METHODS and text["defaults"][1:] == ["_self_"], preset
+        assert "name" not in text, preset
+        composed = compose_config(f"method={preset}").method
+        assert OmegaConf.get_type(composed) is METHODS[text["defaults"][0]].schema
+    assert {"dense", "none", "svd", "fwsvd", "asvd", "svd_llm", "basis_sharing", "fips"} <= set(
+        METHODS
+    )
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -201,6 +212,15 @@ REFUSALS = [
     ("basis_sharing", {"shared": ["q", "qq"]}, LLAMA, "Unknown projection kind for family llama"),
     ("basis_sharing", {"private": ["o", "dn"]}, LLAMA, "'dn'"),
     ("basis_sharing", {"decomposition_cache_mb": -1}, None, "method.decomposition_cache_mb=-1.0"),
+    ("basis_sharing", {"kinds": ["up", "upp"]}, LLAMA, "Did you mean 'up'?"),
+    ("svd_llm", {"kinds": []}, None, "must name each projection kind to compress once"),
+    ("fips", {"ratio_of": "mlp"}, None, "Unknown method.ratio_of 'mlp'. Valid choices"),
+    ("fips", {"schedule": "releasd"}, None, "Did you mean 'released'?"),
+    ("fips", {"group_size": 0}, None, "method.group_size=0 must be >= 1."),
+    ("fips", {"lr": 0.0}, None, "method.lr=0.0 must be > 0"),
+    ("fips", {"t_accel": 0.8, "t_end": 0.5}, None, "0 <= t_accel <= t_end <= 1"),
+    ("fips", {"max_tokens": 0}, None, "method.max_tokens=0 must be >= 1 (or null)."),
+    ("fips", {"kinds": ["down", "down"]}, LLAMA, "must name each MLP kind once"),
 ]
 
 

@@ -21,6 +21,7 @@ from basis_sharing.calibration.grams import (
     read_stats,
     save_stats,
 )
+from basis_sharing.calibration.mlp_inputs import MLPInputs
 from basis_sharing.calibration.scales import ScaleStats, collect_scales, scales_key
 from basis_sharing.calibration.statistics import (
     STATISTICS,
@@ -39,6 +40,7 @@ __all__ = [
     "FisherStats",
     "GramAccumulator",
     "GramStats",
+    "MLPInputs",
     "ScaleStats",
     "StatsCacheError",
     "accumulate_dtype_name",

@@ -61,12 +61,11 @@ def candidates(model: nn.Module, family: FamilyAdapter) -> list[Candidate]:
             if not isinstance(module, CompressedLinear):
                 found.append(Candidate(name, "dense", kind, (i,)))
                 continue
-            found.append(Candidate(f"{name}.coefficient", "coefficient", kind, (i,)))
+            for child, role in module.adapter_slots():
+                found.append(Candidate(f"{name}.{child}", role, kind, (i,)))
             if module.shared_basis_key is not None:
                 shared_users.setdefault(module.shared_basis_key, []).append(i)
                 shared_kind[module.shared_basis_key] = kind
-            elif isinstance(getattr(module, "basis", None), nn.Module):
-                found.append(Candidate(f"{name}.basis", "private_basis", kind, (i,)))
     registry = getattr(model, SHARED_BASES, None)
     for key in registry.keys() if registry is not None else ():
         if key in shared_users:
@@ -87,7 +86,7 @@ def planned_candidates(plans: Sequence[GroupPlan], family: FamilyAdapter, n_laye
     Equal to ``candidates`` of the model that ``plans`` produce (tests/test_finetune_targets.py), so
     ``finetune.targets`` is checked before any weight is loaded. ``plans`` empty: a dense model.
     """
-    planned = {(i, p.kind): p for p in plans for i in p.layers}
+    planned = {member: p for p in plans for member in p.members}
     found: list[Candidate] = []
     for i in range(n_layers):
         for kind in family.kinds:
@@ -96,9 +95,8 @@ def planned_candidates(plans: Sequence[GroupPlan], family: FamilyAdapter, n_laye
             if plan is None:
                 found.append(Candidate(name, "dense", kind, (i,)))
                 continue
-            found.append(Candidate(f"{name}.coefficient", "coefficient", kind, (i,)))
-            if plan.basis_key is None:
-                found.append(Candidate(f"{name}.basis", "private_basis", kind, (i,)))
+            for child, role in plan.adapter_slots:
+                found.append(Candidate(f"{name}.{child}", role, kind, (i,)))
     found += [
         Candidate(f"{SHARED_BASES}.{p.basis_key}", "shared_basis", p.kind, tuple(p.layers))
         for p in plans

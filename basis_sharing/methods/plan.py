@@ -35,6 +35,17 @@ class GroupPlan:
         return len(self.layers) > 1
 
     @property
+    def members(self) -> list[tuple[int, str]]:
+        """The (layer, kind) projections it factorises."""
+        return [(layer, self.kind) for layer in self.layers]
+
+    @property
+    def adapter_slots(self) -> tuple[tuple[str, str], ...]:
+        """What its modules offer an adapter (``CompressedLinear.adapter_slots``)."""
+        slots = (("coefficient", "coefficient"),)
+        return slots if self.shared else (*slots, ("basis", "private_basis"))
+
+    @property
     def basis_key(self) -> str | None:
         """The shared basis's name in ``model.shared_bases`` (None: a private factorisation)."""
         return f"{self.kind}_g{self.index}" if self.shared else None

@@ -55,6 +55,10 @@ class FamilyAdapter:
     # wide as their input (grouped-query k/v). Applied with the layer shapes where the defaults
     # are resolved (basis_sharing.methods.plan.resolve_kinds), so MHA models keep sharing them.
     private_when_narrow: tuple[str, ...] = ()
+    # The decoder layer's MLP module (input: the normalised residual, output: what is added back)
+    # for methods that reconstruct MLP outputs (FiPS); None where the layer computes its MLP
+    # inline (OPT's fc1 -> activation -> fc2 sit in the decoder layer's own forward).
+    mlp_path: str | None = "mlp"
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -76,6 +80,12 @@ class FamilyAdapter:
     def layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder layers of ``model``, in order."""
         return _get_path(model, self.layers_path)
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        """The MLP module of ``layer`` (x -> its MLP output)."""
+        if self.mlp_path is None:
+            raise ValueError(f"family {self.name} has no MLP module (its layers compute it inline)")
+        return _get_path(layer, self.mlp_path)
 
     def module(self, layer: nn.Module, kind: str) -> nn.Module:
         return _get_path(layer, self.projection(kind).path)
@@ -184,6 +194,7 @@ OPT = FamilyAdapter(
     ),
     shared=("q", "k", "v", "up"),
     private=("o", "down"),
+    mlp_path=None,
 )
 
 # GPT-2's released config shares W_O too, against the paper's own rule (docs/methods.md §3.3, §8);

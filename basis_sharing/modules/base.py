@@ -65,6 +65,14 @@ class CompressedLinear(nn.Module, ABC):
         when it keeps its factors to itself (what fine-tuners ask instead of the type)."""
         return None
 
+    def adapter_slots(self) -> tuple[tuple[str, str], ...]:
+        """(child name, role) of each plain ``nn.Linear`` child an adapter (LoRA) can sit on.
+
+        Roles: ``coefficient`` (per layer) and ``private_basis``; a shared basis is offered once,
+        through ``shared_basis_key``. Default: none.
+        """
+        return ()
+
     @property
     @abstractmethod
     def rank(self) -> int: ...
@@ -181,6 +189,12 @@ class TwoFactorLinear(CompressedLinear):
 
     basis: nn.Module
     coefficient: nn.Linear
+
+    def adapter_slots(self) -> tuple[tuple[str, str], ...]:
+        slots = (("coefficient", "coefficient"),)
+        if self.shared_basis_key is None and isinstance(self.basis, nn.Module):
+            slots += (("basis", "private_basis"),)
+        return slots
 
     @property
     def rank(self) -> int:

@@ -293,6 +293,7 @@ class CalibrationSummary(TypedDict, total=False):
     gram: StatsEntry
     scale: StatsEntry
     fisher: StatsEntry
+    mlp_inputs: StatsEntry
 
 
 class GroupEntry(TypedDict):
@@ -309,6 +310,45 @@ class PlannedParams(TypedDict):
     dense: int
 
 
+class FipsMLPEntry(TypedDict):
+    """One MLP's local reconstruction: MSE at the SVD init, after its training, at the end."""
+
+    layer: int
+    initial_loss: float
+    final_loss: float
+    group_final_loss: float
+    sparsity: float
+    target_sparsity: float
+    schedule_sparsity: float
+    steps: int
+
+
+class FipsGroupEntry(TypedDict):
+    index: int
+    layers: list[int]
+    kinds: list[str]
+    d: int
+    widths: list[int]
+    rank: int
+    sparsity: float
+    basis_key: str
+    mlps: list[FipsMLPEntry]
+    joint: dict[str, Any] | None  # u_update=joint: steps, losses_before, losses_after
+
+
+class FipsStorage(TypedDict):
+    """Parameters (nonzeros plus U once per group) and bytes (values, bitmasks, U)."""
+
+    params: int
+    nonzeros: int
+    bytes: int
+    index_bytes: int
+    dense_params: int
+    dense_bytes: int
+    params_ratio: float
+    bytes_ratio: float
+
+
 class MethodInfo(TypedDict, total=False):
     group_size: int
     shared_kinds: list[str]
@@ -317,6 +357,14 @@ class MethodInfo(TypedDict, total=False):
     planned_params: PlannedParams
     whitening_fallbacks: int
     private_by_gqa_rule: list[str]
+    # FiPS (docs/methods.md §9.7)
+    kinds: list[str]
+    ratio_of: str
+    mlp_ratio: float
+    block_groups: list[FipsGroupEntry]
+    storage: FipsStorage
+    mlp_inputs: dict[str, int]  # tokens and bytes of the cached MLP inputs
+    train_seconds: float
 
 
 class FinetuneSummary(TypedDict, total=False):
