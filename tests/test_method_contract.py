@@ -14,8 +14,8 @@ from conftest import TINY_VOCAB, compose_config, tiny_run_overrides
 
 import basis_sharing.methods  # noqa: F401  (registers every method)
 from basis_sharing import pipeline
-from basis_sharing.methods.registry import METHODS
 from basis_sharing.evaluation.params import budget_ratio
+from basis_sharing.methods.registry import METHODS
 from basis_sharing.models.compressed_io import load_compressed
 
 RATIO, TOLERANCE = 0.3, 0.05  # rank rounding on 64-wide matrices needs the wider tolerance
