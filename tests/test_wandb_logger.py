@@ -449,3 +449,41 @@ def test_a_run_wandb_cannot_start_fails_with_advice_and_a_failed_record(
     assert results["status"] == "failed"
     assert results["error"] == {"type": "UsageError", "message": "api_key not configured (no-tty)"}
     assert results["stages"] == {}  # nothing ran
+
+
+def test_a_fips_job_logs_one_row_per_mlp(tiny_model_dir, tiny_mirror, tmp_path, monkeypatch):
+    cfg = tiny_job(
+        tiny_model_dir,
+        tiny_mirror,
+        tmp_path,
+        "method=fips",
+        "method.group_size=2",
+        "method.steps=3",
+        "method.batch_tokens=32",
+        "ratio=0.3",
+        "ratio_tolerance=0.05",
+        "calibration=wikitext2_cpu",
+        "calibration.n_samples=2",
+        "calibration.seq_len=32",
+        "eval.ppl_datasets=[wikitext2]",
+    )
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))
+    record = pipeline.run(cfg, out_dir=tmp_path / "run")
+    (run_dir,) = offline_runs(tmp_path / "run")
+    wb = read_wandb_run(run_dir)
+    (item,) = [item for item in wb.history if "method_info.fips_mlps._type" in item]
+    table = json.loads((wb.run_dir / "files" / item["method_info.fips_mlps.path"]).read_text())
+    assert table["columns"][:6] == [
+        "layer",
+        "group",
+        "rank",
+        "initial_loss",
+        "final_loss",
+        "group_final_loss",
+    ]
+    expected = [
+        [m["layer"], g["index"], g["rank"], m["initial_loss"], m["final_loss"]]
+        for g in record["method_info"]["block_groups"]
+        for m in g["mlps"]
+    ]
+    assert [row[:5] for row in table["data"]] == expected and len(expected) == 4

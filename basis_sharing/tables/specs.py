@@ -392,6 +392,65 @@ TABLE_SMOLLM = TableSpec(
     ),
 )
 
+MLP = "up/gate/down"
+
+
+def fips_rows() -> tuple[Row, ...]:
+    """FiPS against Basis Sharing and SVD-LLM on the MLP only, then at one total budget."""
+
+    def fips(ratio: float, sparsity: float, u_update: str, ratio_of: str, label: str) -> Row:
+        runs = {"method": "fips", "target_ratio": ratio, "sparsity": sparsity}
+        return Row(label, {**runs, "u_update": u_update, "ratio_of": ratio_of}, None, ratio)
+
+    rows: list[Row] = []
+    for ratio in (0.2, 0.4):
+        block = [
+            fips(ratio, 0.0, "sequential", "kinds", "FiPS, s = 0"),
+            fips(ratio, 0.5, "sequential", "kinds", "FiPS, s = 0.5"),
+            fips(ratio, 0.5, "joint", "kinds", "FiPS, s = 0.5, joint U"),
+            method_row("basis_sharing", ratio, label="Basis Sharing (MLP)", kinds=MLP),
+            method_row("svd_llm", ratio, label="SVD-LLM (MLP)", kinds=MLP),
+        ]
+        rows += [
+            Row(r.label, r.runs, None, r.ratio, f"MLP {pct(ratio)}" if i == 0 else "")
+            for i, r in enumerate(block)
+        ]
+    block = [
+        fips(0.2, 0.5, "sequential", "decoder", "FiPS, s = 0.5"),
+        method_row("basis_sharing", 0.2, kinds="all"),
+        method_row("svd_llm", 0.2, kinds="all"),
+    ]
+    rows += [
+        Row(r.label, r.runs, None, r.ratio, "all 20%" if i == 0 else "")
+        for i, r in enumerate(block)
+    ]
+    return tuple(rows)
+
+
+TABLE_FIPS_SMOLLM = TableSpec(
+    name="table-fips-smollm",
+    title="SmolLM2-135M (embedded model): FiPS, Basis Sharing and SVD-LLM on the MLP and overall",
+    runs={"model": "smollm2_135m", "collection": "fips_smollm", "finetune": "none"},
+    paper=None,
+    rows=fips_rows(),
+    columns=(
+        ppl_column("wikitext2"),
+        Column("Avg acc", "acc.mean", kind="acc"),
+        Column("MLP ratio", "budget_ratio", kind="ratio"),
+        Column("Decoder ratio", "achieved_ratio", kind="ratio"),
+        Column("Compression (s)", "time.compress_s", kind="seconds"),
+    ),
+    command="python run.py experiment=fips_smollm -m",
+    group_label="Removed",
+    notes=(
+        "MLP x %: x of the MLP weights removed (attention dense); all 20%: 20 % of every decoder "
+        "projection (FiPS with method.ratio_of=decoder).",
+        "Perplexity on the first 16 WikiText-2 test windows; zero-shot acc on the first 100 "
+        "documents of each of the seven tasks; calibration on 64 x 512 WikiText-2 validation "
+        "tokens for every method. Compression: the calibrate and compress stages' wall time.",
+    ),
+)
+
 SPECS: dict[str, TableSpec] = {
     spec.name: spec
     for spec in (
@@ -404,6 +463,7 @@ SPECS: dict[str, TableSpec] = {
         TABLE7,
         TABLE8,
         TABLE_SMOLLM,
+        TABLE_FIPS_SMOLLM,
     )
 }
 

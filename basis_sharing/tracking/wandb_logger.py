@@ -55,6 +55,18 @@ TRACKED_SECTIONS = (
 )
 GROUPS_TABLE_KEY = schema.dotted(Key.METHOD_INFO, schema.GROUPS)
 GROUPS_TABLE_COLUMNS = ("kind", "group", "layers", "d_in", "d_out", "rank", "params")
+# FiPS: one row per MLP, its local reconstruction (docs/methods.md §9.7).
+FIPS_TABLE_KEY = "method_info.fips_mlps"
+FIPS_TABLE_COLUMNS = (
+    "layer",
+    "group",
+    "rank",
+    "initial_loss",
+    "final_loss",
+    "group_final_loss",
+    "sparsity",
+    "steps",
+)
 FINETUNE_STEP = schema.dotted(Key.FINETUNE, "step")
 FINETUNE_EPOCH = schema.dotted(Key.FINETUNE, "epoch")
 ARTIFACT_TYPE = "run-record"
@@ -167,6 +179,24 @@ def group_rows(groups: list[dict[str, Any]]) -> list[list[Any]]:
             ]
         )
     return rows
+
+
+def fips_rows(block_groups: list[dict[str, Any]]) -> list[list[Any]]:
+    """Rows of the FiPS table from ``method_info["block_groups"]``."""
+    return [
+        [
+            mlp["layer"],
+            group["index"],
+            group["rank"],
+            mlp["initial_loss"],
+            mlp["final_loss"],
+            mlp["group_final_loss"],
+            mlp["sparsity"],
+            mlp["steps"],
+        ]
+        for group in block_groups
+        for mlp in group["mlps"]
+    ]
 
 
 class RecordMirror:
@@ -300,6 +330,10 @@ class WandbLogger(RunLogger):
         if groups:
             table = wandb.Table(columns=list(GROUPS_TABLE_COLUMNS), data=group_rows(groups))
             run.log({GROUPS_TABLE_KEY: table})
+        block_groups = (record.data.get(Key.METHOD_INFO) or {}).get("block_groups")
+        if block_groups:
+            table = wandb.Table(columns=list(FIPS_TABLE_COLUMNS), data=fips_rows(block_groups))
+            run.log({FIPS_TABLE_KEY: table})
         artifact = wandb.Artifact(
             f"run-record-{run.id}",
             type=ARTIFACT_TYPE,
