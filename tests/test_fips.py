@@ -164,6 +164,7 @@ def test_training_lowers_every_mlps_loss_below_its_svd_initialisation(trained):
     for e in entries:
         assert e["final_loss"] < e["initial_loss"], e
         assert e["group_final_loss"] < e["initial_loss"], e
+        assert e["final_loss"] < e["one_shot_pruned_loss"], e  # better than pruning once
 
 
 def test_the_default_schedule_ends_with_exactly_the_target_sparsity(trained):

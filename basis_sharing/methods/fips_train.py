@@ -134,6 +134,20 @@ def gmp_schedule(method: FiPS, steps: int) -> GMPSchedule | None:
 
 
 @torch.no_grad()
+def one_shot_pruned_loss(member: Member, sparsity: float, two_four: bool) -> float | None:
+    """The loss with V pruned once, by magnitude, to the target (what training must beat)."""
+    if sparsity == 0:
+        return None
+    saved = [(f.v.clone(), f.mask.clone()) for f in member.factors.values()]
+    update_masks(member, sparsity, two_four)
+    loss = member.full_loss()
+    for f, (v, mask) in zip(member.factors.values(), saved, strict=True):
+        f.v.copy_(v)
+        f.mask.copy_(mask)
+    return loss
+
+
+@torch.no_grad()
 def update_masks(member: Member, sparsity: float, two_four: bool) -> None:
     """Global magnitude masks over the member's V slices (2:4 per slice with ``two_four``)."""
     factors = list(member.factors.values())
@@ -156,7 +170,8 @@ def train_member(member: Member, basis: nn.Linear, method: FiPS, desc: str) -> d
     updates = gmp.update_steps() if gmp else []
     last_update = updates[-1] if updates else None
     batches = Batches(member.x.shape[0], cfg.batch_tokens, cfg.seed + member.layer, member.x.device)
-    initial = member.full_loss()
+    start = member.full_loss()  # U may have moved with the members trained before it
+    pruned = one_shot_pruned_loss(member, cfg.sparsity, cfg.structure == "2:4")
     bar = tqdm(range(steps), desc=desc, unit="step", leave=False)
     for t in bar:
         if gmp is not None and t in updates:
@@ -176,7 +191,8 @@ def train_member(member: Member, basis: nn.Linear, method: FiPS, desc: str) -> d
     final = member.full_loss()
     return {
         "layer": member.layer,
-        "initial_loss": initial,
+        "start_loss": start,
+        "one_shot_pruned_loss": pruned,
         "final_loss": final,
         "sparsity": member.sparsity(),
         "target_sparsity": cfg.sparsity,
@@ -274,17 +290,21 @@ def compress_group(
             family.set_module(layers[member.layer], kind, factor)
             member.factors[kind] = factor
     group = f"{plan.layers[0]}-{plan.layers[-1]}"
+    at_init = [m.full_loss() for m in members]  # every member at the SVD init, before training
     mlps = []
-    for member in members:
-        mlps.append(
-            train_member(member, basis, method, f"fips: layer {member.layer} (group {group})")
-        )
+    for member, initial in zip(members, at_init, strict=True):
+        desc = f"fips: layer {member.layer} (group {group})"
+        entry = {"initial_loss": initial, **train_member(member, basis, method, desc)}
+        mlps.append(entry)
         log.info(
-            "FiPS layer %d: MSE %.4e at SVD init -> %.4e trained, sparsity %.4f",
+            "FiPS layer %d: MSE %.4e at SVD init (%s pruned once) -> %.4e trained, sparsity %.4f",
             member.layer,
-            mlps[-1]["initial_loss"],
-            mlps[-1]["final_loss"],
-            mlps[-1]["sparsity"],
+            entry["initial_loss"],
+            "n/a"
+            if entry["one_shot_pruned_loss"] is None
+            else f"{entry['one_shot_pruned_loss']:.4e}",
+            entry["final_loss"],
+            entry["sparsity"],
         )
     joint = train_u_jointly(members, basis, method) if method.cfg.u_update == "joint" else None
     for entry, member in zip(mlps, members, strict=True):

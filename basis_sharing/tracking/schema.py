@@ -314,7 +314,9 @@ class FipsMLPEntry(TypedDict):
     """One MLP's local reconstruction: MSE at the SVD init, after its training, at the end."""
 
     layer: int
-    initial_loss: float
+    initial_loss: float  # at the SVD init, before any member of the group is trained
+    start_loss: float  # when its own training starts (U moved with the members before it)
+    one_shot_pruned_loss: float | None  # the SVD init pruned once to the target (s > 0)
     final_loss: float
     group_final_loss: float
     sparsity: float
