@@ -335,3 +335,49 @@ def test_fips_with_a_sequential_runtime_is_refused_before_the_model_loads(
     )
     with pytest.raises(ConfigError, match="fips"):
         pipeline.validate(cfg)
+
+
+def test_structure_two_four_leaves_two_of_every_four_along_each_slices_input_side():
+    model, family, stats = setup("llama", dtype=torch.float32)
+    method = fips(
+        group_size=2,
+        sparsity=0.5,
+        structure="2:4",
+        rank_multiple=4,
+        steps=10,
+        batch_tokens=64,
+        delta_t=2,
+    )
+    info = method.compress(model, family, CompressionContext(ratio=0.6, device=CPU, stats=stats))
+    modules = fips_modules(model)
+    assert len(modules) == 12 and all(g["rank"] % 4 == 0 for g in info["block_groups"])
+    for m in modules:
+        assert m.structure == "2:4"
+        mask = m.mask()  # (r, w); the product reduces over r (up, gate) or w (down)
+        runs = (mask if m.transposed else mask.T).reshape(-1, 4)
+        assert (runs.sum(dim=1) == 2).all()
+    with pytest.raises(ValueError, match="not 2:4"):
+        fips_modules(trained_model_without_structure())[0].to_semi_structured()
+
+
+def trained_model_without_structure():
+    model, family, stats = setup("llama", dtype=torch.float32)
+    fips(group_size=2, steps=0).compress(
+        model, family, CompressionContext(ratio=0.3, device=CPU, stats=stats)
+    )
+    return model
+
+
+def test_lora_finds_the_dense_attention_and_predicts_it_from_the_plan(trained):
+    from basis_sharing.finetune.targets import candidates, planned_candidates, select
+
+    model, family, method, _ = trained
+    dense = make_tiny_model("llama")
+    plans = method.shape_plan(dense, family, 0.6)
+    built = candidates(model, family)
+    assert planned_candidates(plans, family, 4) == built
+    assert {c.role for c in built} == {"dense"}  # U and the sparse V offer no Linear child
+    chosen = select(built, "paper")
+    assert {c.kind for c in chosen} == {"q", "v"} and len(chosen) == 8
+    with pytest.raises(ConfigError, match="matches no module"):
+        select(built, "shared_bases")

@@ -97,3 +97,27 @@ def test_throughput_and_samples_on_cuda(tiny_model_dir, tiny_mirror, tmp_path):
     )
     assert cuda["stages"]["throughput_compressed"]["cuda_peak_mb"] > 0
     assert cuda["generation_samples"] == cpu["generation_samples"]
+
+
+def test_a_two_four_v_runs_semi_structured_and_computes_the_masked_product():
+    from torch import nn
+
+    from basis_sharing.linalg.pruning import two_four_mask
+    from basis_sharing.modules import SparseFactorLinear
+
+    g = torch.Generator().manual_seed(0)
+    d, r, w = 128, 128, 256
+    registry = nn.ModuleDict({"mlp_g0": nn.Linear(d, r, bias=False)})
+    x_up = torch.randn(64, d, generator=g).half().cuda()
+    x_down = torch.randn(64, w, generator=g).half().cuda()
+    for transposed, x in ((False, x_up), (True, x_down)):
+        v = torch.randn(r, w, generator=g)
+        mask = two_four_mask(v, 1 if transposed else 0)
+        module = SparseFactorLinear.from_dense(
+            registry, "mlp_g0", v * mask, mask, transposed, structure="2:4"
+        )
+        module = module.half().cuda()
+        registry.half().cuda()
+        dense = module(x)
+        module.to_semi_structured()
+        torch.testing.assert_close(module(x), dense, rtol=2e-2, atol=2e-2)

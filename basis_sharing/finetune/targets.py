@@ -100,7 +100,7 @@ def planned_candidates(plans: Sequence[GroupPlan], family: FamilyAdapter, n_laye
     found += [
         Candidate(f"{SHARED_BASES}.{p.basis_key}", "shared_basis", p.kind, tuple(p.layers))
         for p in plans
-        if p.basis_key is not None
+        if p.adapter_shared_basis
     ]
     return found
 

@@ -105,6 +105,10 @@ class FipsGroupPlan:
     def adapter_slots(self) -> tuple[tuple[str, str], ...]:
         return ()  # U and the sparse V are no plain Linear: LoRA adapts the dense attention only
 
+    @property
+    def adapter_shared_basis(self) -> bool:
+        return False  # down reads U transposed, so an adapter on it would miss that path
+
     def mlp_entries(self) -> int:
         """Entries of one MLP's V slices (pruned together)."""
         return self.rank * sum(self.widths)

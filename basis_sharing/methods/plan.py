@@ -46,6 +46,11 @@ class GroupPlan:
         return slots if self.shared else (*slots, ("basis", "private_basis"))
 
     @property
+    def adapter_shared_basis(self) -> bool:
+        """Whether an adapter may sit on its shared basis (its modules' ``shared_basis_key``)."""
+        return self.shared
+
+    @property
     def basis_key(self) -> str | None:
         """The shared basis's name in ``model.shared_bases`` (None: a private factorisation)."""
         return f"{self.kind}_g{self.index}" if self.shared else None
