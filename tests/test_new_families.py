@@ -32,10 +32,10 @@ from basis_sharing.methods.basis_sharing import SVDLLM, BasisSharing, BasisShari
 from basis_sharing.methods.factorized import WhitenedSVDMethodConfig
 from basis_sharing.methods.plan import narrow_kinds, planned_params, resolve_kinds
 from basis_sharing.methods.registry import CompressionContext
-from basis_sharing.methods.update import _run_layer, capture_layer_inputs
 from basis_sharing.models.compressed_io import load_compressed, save_compressed
 from basis_sharing.models.families import family_for_model_type, get_family
 from basis_sharing.modules import LowRankLinear, SharedBasisLinear
+from basis_sharing.runtime.sequential import BlockRunner, token_batches
 from basis_sharing.stages import prepare as prepare_stages
 
 NEW = ["llama3", "qwen2", "gemma2"]
@@ -170,11 +170,14 @@ def test_layer_by_layer_runner_reproduces_every_layers_input(name):
             model(input_ids=ids[start : start + 2], use_cache=False)
     for handle in handles:
         handle.remove()
-    batches = capture_layer_inputs(model, layers, ids, batch_size=2)
-    for i, layer in enumerate(layers):
-        for (hidden, _), expected in zip(batches, seen[i], strict=True):
-            torch.testing.assert_close(hidden, expected, rtol=0, atol=1e-12)
-        batches = _run_layer(layer, i, batches)
+    runner = BlockRunner(model, get_family(name), torch.device("cpu"))
+    with runner.open(token_batches(ids, 2), desc="check") as session:
+        for block in session.blocks():
+            (i,) = block.layers
+            for (hidden, _), expected in zip(block.inputs(), seen[i], strict=True):
+                torch.testing.assert_close(hidden, expected, rtol=0, atol=1e-12)
+            block.run(keep_outputs=True)
+    assert sorted(seen) == list(range(len(layers)))
 
 
 # ------------------------------------------------------------------------------- the GQA rule

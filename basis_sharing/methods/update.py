@@ -30,7 +30,7 @@ from basis_sharing.linalg.factorization import concat_weights
 from basis_sharing.linalg.refit import output_error, refit_coefficients
 from basis_sharing.methods.plan import GroupPlan
 from basis_sharing.methods.registry import CompressionContext
-from basis_sharing.models.families import FamilyAdapter, family_for_model_type
+from basis_sharing.models.families import FamilyAdapter
 from basis_sharing.runtime.sequential import BlockRunner, token_batches
 
 
@@ -146,35 +146,3 @@ def refit_sequential(
             # leaving the block: the runner propagates the refit layer's outputs
     tokens = int(ctx.calibration_ids.numel())
     return _summary("sequential", tokens, groups)
-
-
-# ---- compatibility: tests/test_new_families.py still calls the runner this module used to own.
-
-
-def capture_layer_inputs(
-    model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int
-) -> list[tuple[torch.Tensor, list[dict]]]:
-    """Per batch: the first decoder layer's hidden states and every layer's keywords.
-
-    Kept for callers of the old private runner; ``runtime.sequential.BlockRunner`` replaces it
-    (it also keeps positional arguments, which GPT-2 passes its mask as).
-    """
-    family = family_for_model_type(model.config.model_type)
-    if family.layers(model) is not layers:
-        raise ValueError("layers must be the model's own decoder layers")
-    device = _model_device(model)
-    runner = BlockRunner(model, family, device, hidden_device=device)
-    with runner.open(token_batches(ids, batch_size), desc="capture") as session:
-        return [(s.hidden, [call.kwargs for call in s.calls]) for s in session.states]
-
-
-def _run_layer(
-    layer: nn.Module, index: int, batches: list[tuple[torch.Tensor, list[dict]]]
-) -> list:
-    """Layer ``index`` on each batch's hidden states, with that layer's own keywords."""
-    outputs = []
-    with torch.inference_mode():
-        for hidden, kwargs in batches:
-            out = layer(hidden, **kwargs[index])
-            outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))
-    return outputs
