@@ -211,18 +211,20 @@ def test_shared_entries_rebuild_one_basis_and_identical_outputs():
 def test_an_unknown_type_is_refused_with_the_known_ones():
     with pytest.raises(
         ConfigError,
-        match=re.escape("Unknown compressed module type 'sparse'. Valid choices: lowrank, shared."),
+        match=re.escape(
+            "Unknown compressed module type 'sparse'. Valid choices: fips, lowrank, shared."
+        ),
     ):
         module_type("sparse")
     family = family_for_model_type("llama")
     entry = low_rank(12, 3, 7).layout_entry(0, "q", nn.Module())
     assert layout_problems([{**entry, "type": "sparse"}], family) == [
-        "layout[0]: 'type' must be one of 'lowrank', 'shared', got 'sparse'"
+        "layout[0]: 'type' must be one of 'fips', 'lowrank', 'shared', got 'sparse'"
     ]
 
 
 def test_a_registered_type_is_listed_and_a_taken_name_refused(scaled_type):
-    with pytest.raises(ConfigError, match="Valid choices: lowrank, scaled_lowrank, shared."):
+    with pytest.raises(ConfigError, match="Valid choices: fips, lowrank, scaled_lowrank, shared."):
         module_type("sparse")
 
     class Impostor(ScaledLowRankLinear):

@@ -50,13 +50,10 @@ def _collect(model, family, names, cache_dir, batch_size=4, gram_dtype="float64"
 
 
 def test_the_registry_names_every_statistic_and_what_it_needs():
-    assert set(STATISTICS) == {"gram", "scale", "fisher"}
-    assert [STATISTICS[n].backward for n in ("gram", "scale", "fisher")] == [False, False, True]
-    assert [STATISTICS[n].stat for n in ("gram", "scale", "fisher")] == [
-        "grams",
-        "scales",
-        "fisher",
-    ]
+    names = ("gram", "scale", "fisher", "mlp_inputs")
+    assert set(STATISTICS) == set(names)
+    assert [STATISTICS[n].backward for n in names] == [False, False, True, False]
+    assert [STATISTICS[n].stat for n in names] == ["grams", "scales", "fisher", "mlp_inputs"]
     with pytest.raises(ConfigError, match="Unknown calibration statistic 'gramm'.*'gram'"):
         get_statistic("gramm")
 

@@ -440,7 +440,11 @@ TABLE_FIPS_SMOLLM = TableSpec(
         Column("Decoder ratio", "achieved_ratio", kind="ratio"),
         Column("Compression (s)", "time.compress_s", kind="seconds"),
     ),
-    command="python run.py experiment=fips_smollm -m",
+    command=(
+        "python run.py experiment=fips_smollm method.sparsity=0,0.5 -m` and the other sweeps "
+        "listed in conf/experiment/fips_smollm.yaml, then `make collect "
+        "RUNS=outputs/experiments/fips_smollm NAME=fips_smollm"
+    ),
     group_label="Removed",
     notes=(
         "MLP x %: x of the MLP weights removed (attention dense); all 20%: 20 % of every decoder "
