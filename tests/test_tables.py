@@ -302,3 +302,31 @@ def test_filters_match_none_floats_and_absent_columns():
     # A column no run has: only a "must be missing" filter matches, and later filters still apply.
     assert matching(frame, {"acc.mean": None, "method": "svd"}).tolist() == [False, True, True]
     assert not matching(frame, {"acc.mean": 0.5}).any()
+
+
+def test_the_fips_table_reads_the_committed_records_and_draws_no_relative_plot(paper, tmp_path):
+    import json
+
+    store = REPO / "results" / "runs"
+    result = build_table(get_spec("table-fips-smollm"), load_runs(store), paper)
+    cells = {
+        (c.row.label, c.ratio, c.column.label): c.reproduced
+        for c in result.flat()
+        if c.row.runs.get("ratio_of", "kinds") == "kinds"  # the MLP-budget rows
+    }
+    record = json.loads(
+        (
+            store
+            / "smollm2_135m/fips_smollm/method.sparsity=0.5,method=fips_smollm,ratio=0.2"
+            / "results.json"
+        ).read_text()
+    )
+    assert (
+        cells[("FiPS, s = 0.5", 0.2, "WikiText-2")]
+        == record["metrics"]["perplexity"]["wikitext2"]["ppl"]
+    )
+    assert (
+        cells[("FiPS, s = 0.5", 0.2, "MLP ratio")] == record["params"]["budget"]["achieved_ratio"]
+    )
+    written = make_table("table-fips-smollm", store, PAPER, tmp_path)
+    assert not any(p.name.endswith("_rel.png") for p in written)

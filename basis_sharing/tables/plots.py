@@ -316,7 +316,8 @@ def plot_table(result: TableResult, out_dir: str | Path) -> list[Path]:
     if len(ratios) > 1:
         written.append(_ratio_figure(result, "ppl", None, out_dir / f"{name}.png"))
         written.append(_ratio_figure(result, "acc", {"acc.mean"}, out_dir / f"{name}_acc.png"))
-        written.append(_relative_figure(result, out_dir / f"{name}_rel.png"))
+        if result.spec.relative:
+            written.append(_relative_figure(result, out_dir / f"{name}_rel.png"))
     else:
         written.append(_bar_figure(result, out_dir / f"{name}.png"))
     return [p for p in written if p is not None]

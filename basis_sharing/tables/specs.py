@@ -88,6 +88,9 @@ class TableSpec:
     row_label: str = "Method"
     notes: tuple[str, ...] = ()
     ordering: Ordering | None = None
+    # Plot perplexity relative to SVD-LLM at each ratio (one SVD-LLM row per ratio); False for a
+    # table whose rows at one ratio compare different budgets (FiPS: the MLP only, or all kinds).
+    relative: bool = True
 
 
 def pct(ratio: float) -> str:
@@ -446,6 +449,7 @@ TABLE_FIPS_SMOLLM = TableSpec(
         "RUNS=outputs/experiments/fips_smollm NAME=fips_smollm"
     ),
     group_label="Removed",
+    relative=False,
     notes=(
         "MLP x %: x of the MLP weights removed (attention dense); all 20%: 20 % of every decoder "
         "projection (FiPS with method.ratio_of=decoder).",
