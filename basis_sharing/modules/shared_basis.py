@@ -29,6 +29,22 @@ def shared_bases(model: nn.Module) -> nn.ModuleDict:
     return registry
 
 
+def check_registered(
+    registry: nn.ModuleDict, key: str, root: nn.Module, layer: int, kind: str
+) -> None:
+    """A module's shared basis must be ``root.shared_bases[key]``, or it would not be saved.
+
+    Raises:
+        LayoutError: the basis lives in another registry, or not under ``key``.
+    """
+    if registry is not getattr(root, SHARED_BASES, None) or key not in registry:
+        raise LayoutError(
+            f"Layer {layer} projection '{kind}' uses basis '{key}' that is not in "
+            f"model.{SHARED_BASES}; it would not be saved. Build shared layers with "
+            "basis_sharing.modules.shared_bases(model) as the registry."
+        )
+
+
 @register_module_type
 class SharedBasisLinear(TwoFactorLinear):
     """y = coefficient(B(x)) with B = ``registry[basis_key]`` shared by the whole group.
@@ -58,13 +74,7 @@ class SharedBasisLinear(TwoFactorLinear):
         return f"basis={SHARED_BASES}[{self.basis_key!r}]"
 
     def layout_entry(self, layer: int, kind: str, root: nn.Module) -> dict[str, Any]:
-        registry = getattr(root, SHARED_BASES, None)
-        if self._registry is not registry or self.basis_key not in registry:
-            raise LayoutError(
-                f"Layer {layer} projection '{kind}' uses basis '{self.basis_key}' that is not in "
-                f"model.{SHARED_BASES}; it would not be saved. Build shared layers with "
-                "basis_sharing.modules.shared_bases(model) as the registry."
-            )
+        check_registered(self._registry, self.basis_key, root, layer, kind)
         return {**super().layout_entry(layer, kind, root), "basis_key": self.basis_key}
 
     @classmethod

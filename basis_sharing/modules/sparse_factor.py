@@ -18,12 +18,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from basis_sharing.modules.base import CompressedLinear, LayoutError, count_new
+from basis_sharing.linalg.pruning import STRUCTURES
+from basis_sharing.modules.base import CompressedLinear, count_new
 from basis_sharing.modules.factors import meta_linear
 from basis_sharing.modules.registry import register_module_type
-from basis_sharing.modules.shared_basis import SHARED_BASES, shared_bases
-
-STRUCTURES = ("none", "2:4")
+from basis_sharing.modules.shared_basis import SHARED_BASES, check_registered, shared_bases
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -195,12 +194,7 @@ class SparseFactorLinear(CompressedLinear):
 
     # ---- saved layout --------------------------------------------------------------------
     def layout_entry(self, layer: int, kind: str, root: nn.Module) -> dict[str, Any]:
-        registry = getattr(root, SHARED_BASES, None)
-        if self._registry is not registry or self.basis_key not in registry:
-            raise LayoutError(
-                f"Layer {layer} projection '{kind}' uses basis '{self.basis_key}' that is not in "
-                f"model.{SHARED_BASES}; it would not be saved."
-            )
+        check_registered(self._registry, self.basis_key, root, layer, kind)
         return {
             **super().layout_entry(layer, kind, root),
             "basis_key": self.basis_key,
