@@ -246,6 +246,16 @@ def test_ratio_of_decoder_removes_the_total_budget_from_the_mlp():
         method.kinds_ratio(model, family, 0.9)
 
 
+def test_ratio_of_decoder_compresses_and_records_the_mlp_ratio():
+    """The MLP ratio is read from the dense shapes, before the surgery replaces them."""
+    model, family, stats = setup("llama")
+    all_weights = dense_projection_weights(model, family)
+    mlp = dense_projection_weights(model, family, ("up", "gate", "down"))
+    method = fips(ratio_of="decoder", group_size=2, steps=0)
+    info = method.compress(model, family, CompressionContext(ratio=0.2, device=CPU, stats=stats))
+    assert info["mlp_ratio"] == pytest.approx(0.2 * all_weights / mlp)
+
+
 def test_explicit_groups_must_cover_every_layer_once():
     method = fips(groups=[[0, 1], [2, 3]])
     assert method.block_groups(4) == [(0, 1), (2, 3)]

@@ -318,13 +318,14 @@ class FiPS(CompressionMethod):
 
         plans = self.plan(model, family, ctx)
         dense_total = dense_projection_weights(model, family)
+        mlp_ratio = self.kinds_ratio(model, family, float(ctx.ratio))  # dense shapes: before
         inputs = ctx.stats["mlp_inputs"]
         started = time.perf_counter()
         groups = [compress_group(model, family, plan, inputs, self, ctx.device) for plan in plans]
         return {
             "kinds": list(plans[0].kinds),
             "ratio_of": self.cfg.ratio_of,
-            "mlp_ratio": self.kinds_ratio(model, family, float(ctx.ratio)),
+            "mlp_ratio": mlp_ratio,
             "block_groups": [{**p.as_dict(), **g} for p, g in zip(plans, groups, strict=True)],
             "planned_params": planned_params(plans, dense_total),
             "storage": storage_report(model, family),
