@@ -171,6 +171,11 @@ class EvalConfig:
 
     ppl_datasets: list[str] = field(default_factory=lambda: ["wikitext2", "ptb", "c4"])
     max_windows: int | None = None  # None: every window, i.e. the full paper protocol
+    # Per dataset, a window limit replacing max_windows (e.g. eval.dataset_windows.ptb=4);
+    # null: max_windows applies.
+    dataset_windows: dict[str, int | None] = field(
+        default_factory=lambda: {"wikitext2": None, "ptb": None, "c4": None}
+    )
     batch_size: int | None = None  # None: model.eval_batch_size
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     throughput: ThroughputConfig = field(default_factory=ThroughputConfig)
@@ -181,6 +186,13 @@ class EvalConfig:
         # Dataset names are checked against the evaluation's registry (preflight.validate).
         if node.max_windows is not None and node.max_windows < 1:
             raise ConfigError(f"eval.max_windows={node.max_windows} must be >= 1 or null.")
+        for name, windows in node.dataset_windows.items():
+            if windows is not None and name not in node.ppl_datasets:
+                raise ConfigError(
+                    f"eval.dataset_windows names {name!r}, which is not in eval.ppl_datasets "
+                    f"{list(node.ppl_datasets)}."
+                )
+            _at_least(1, {f"eval.dataset_windows.{name}": windows})
         _at_least(1, {"eval.batch_size": node.batch_size})
         ZeroShotConfig.check(node.zeroshot)
         ThroughputConfig.check(node.throughput)

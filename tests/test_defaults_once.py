@@ -121,6 +121,12 @@ def test_every_schema_field_has_its_default_in_the_composed_config():
         (config.CalibrationConfig, {"n_samples": 0}, "calibration.n_samples=0 must be >= 1"),
         (config.CalibrationConfig, {"gram_dtype": "float16"}, "use float32 .* or float64"),
         (config.EvalConfig, {"max_windows": 0}, "eval.max_windows=0 must be >= 1 or null"),
+        (config.EvalConfig, {"dataset_windows": {"ptb": 0}}, "eval.dataset_windows.ptb=0"),
+        (
+            config.EvalConfig,
+            {"ppl_datasets": ["wikitext2"], "dataset_windows": {"ptb": 2}},
+            "not in eval.ppl_datasets",
+        ),
         (
             config.EvalConfig,
             {"throughput": {"fraction": 1.5}},

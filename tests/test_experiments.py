@@ -150,6 +150,19 @@ def test_every_job_of_the_sweep_composes(name):
         assert job_subdir(cfg.hydra.job.override_dirname) == ",".join(sorted(job))
 
 
+# Method settings added after the committed records, with the defaults that keep their behaviour.
+ADDED_SINCE = {
+    "kinds": None,
+    "whitening": "cholesky",
+    "allocation": "uniform",
+    "allocation_scope": "kind",
+    "allocation_normalize": False,
+    "min_rank": 1,
+    "refit_basis": False,
+    "refit_samples": None,
+}
+
+
 def test_table_smollm_reproduces_the_committed_records_settings():
     """Each job's config equals the one recorded in results/runs/smollm2_135m/wikitext2_16w/."""
     store = REPO / "results" / "runs" / "smollm2_135m" / "wikitext2_16w"
@@ -159,8 +172,13 @@ def test_table_smollm_reproduces_the_committed_records_settings():
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
         assert job_subdir(cfg.hydra.job.override_dirname) == job
         mine = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
-        # Settings added since (method.kinds) default to the behaviour the records ran with.
-        added = {k for k, v in mine["method"].items() if k not in recorded["method"] and v is None}
+        # Settings added since default to the behaviour the records ran with.
+        added = {
+            k
+            for k, v in mine["method"].items()
+            if k not in recorded["method"] and v == ADDED_SINCE.get(k)
+        }
+        assert added == set(mine["method"]) - set(recorded["method"])
         mine["method"] = {k: v for k, v in mine["method"].items() if k not in added}
         for key in ("model", "method", "calibration", "ratio", "ratio_tolerance", "seed"):
             assert mine[key] == recorded[key], key

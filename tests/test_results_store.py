@@ -39,7 +39,7 @@ def test_one_row_per_record_with_its_fields(runs):
         "method": "svd_llm",
         "target_ratio": 0.2,
         "achieved_ratio": 0.2004,
-        "update": False,
+        "update": "none",
         "calibration": "wikitext2",
         "calibration_split": "train",
         "finetune": "none",
@@ -72,7 +72,8 @@ def test_group_size_update_truncation_and_missing_metrics(runs):
     update = by_path(
         runs, "llama7b/table1/method.update=True,method=basis_sharing,ratio=0.2/results.json"
     )
-    assert update.update and update.group_size == 2 and update["ppl.wikitext2"] == 7.5
+    assert update["update"] == "one_pass"  # update: true is Basis Sharing's own refit
+    assert update.group_size == 2 and update["ppl.wikitext2"] == 7.5
     assert math.isnan(update["acc.mean"]) and math.isnan(update["speedup.forward"])
     partial = by_path(runs, "llama7b/table1/method=basis_sharing,ratio=0.4/results.json")
     assert bool(partial["ppl.wikitext2.truncated"]) and partial["ppl.wikitext2.windows"] == 4

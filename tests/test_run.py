@@ -51,7 +51,11 @@ def tiny_args(model_dir: Path, mirror: Path, out: Path, method: str | None = "de
 @pytest.fixture(scope="module")
 def single_run(tiny_model_dir, tiny_mirror, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    proc = run_py(*tiny_args(tiny_model_dir, tiny_mirror, out), f"hydra.run.dir={out}/run")
+    proc = run_py(
+        *tiny_args(tiny_model_dir, tiny_mirror, out),
+        "eval.dataset_windows.ptb=2",  # one dataset's own window limit
+        f"hydra.run.dir={out}/run",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "run" / "results.json").read_text()), proc
 
@@ -83,10 +87,11 @@ def test_recorded_numbers_equal_an_independent_computation(single_run, tiny_mode
     ):
         ids = tokenize_text(tokenizer, load_corpus(name, split, tiny_mirror).text(max_rows=rows))
         assert record["hashes"]["eval"][name] == token_hash(ids)
-        expected = perplexity(model, ids, CONTEXT, max_windows=3)
+        windows = 2 if name == "ptb" else 3  # eval.dataset_windows.ptb=2, else max_windows
+        expected = perplexity(model, ids, CONTEXT, max_windows=windows)
         got = record["metrics"]["perplexity"][name]
         assert got["ppl"] == pytest.approx(expected.ppl, rel=1e-5)
-        assert got["n_windows"] == expected.n_windows and got["n_windows_evaluated"] == 3
+        assert got["n_windows"] == expected.n_windows and got["n_windows_evaluated"] == windows
         assert got["truncated"] is True and got["n_tokens"] == ids.numel()
     params = record["params"]
     assert params["total"] == sum(p.numel() for p in model.parameters())

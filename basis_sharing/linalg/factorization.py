@@ -49,6 +49,7 @@ class SharedDecomposition:
         shift: the eigenvalue shift the whitening needed, carried along for the run record.
         U: (d_in, r), sigma: (r,), Vh: (r, n * d_out), with r = min(d_in, n * d_out).
         d_out: width of one member's slice of Vh.
+        whitening: how S was made, hence how it is inverted (``linalg.whitening.unwhiten``).
     """
 
     S: torch.Tensor
@@ -57,6 +58,7 @@ class SharedDecomposition:
     Vh: torch.Tensor
     d_out: int
     shift: float = 0.0  # diagonal shift the whitening needed (0.0: the Gram was definite)
+    whitening: str = "cholesky"
 
     @property
     def n_members(self) -> int:
@@ -66,7 +68,7 @@ class SharedDecomposition:
         """Basis B (d_in, k) = S^{-1} U_k Sigma_k and coefficients C_j (k, d_out), float64."""
         if not 0 < k <= self.sigma.numel():
             raise ValueError(f"rank {k} outside [1, {self.sigma.numel()}]")
-        basis = unwhiten(self.S, self.U[:, :k] * self.sigma[:k])
+        basis = unwhiten(self.S, self.U[:, :k] * self.sigma[:k], self.whitening)
         coefficients = [
             self.Vh[:k, j * self.d_out : (j + 1) * self.d_out] for j in range(self.n_members)
         ]
@@ -87,11 +89,15 @@ class SharedDecomposition:
             self.Vh.to(device),
             self.d_out,
             self.shift,
+            self.whitening,
         )
 
 
 def decompose_shared(
-    weights: Sequence[torch.Tensor], S: torch.Tensor, shift: float = 0.0
+    weights: Sequence[torch.Tensor],
+    S: torch.Tensor,
+    shift: float = 0.0,
+    whitening: str = "cholesky",
 ) -> SharedDecomposition:
     """SVD of S [W_1 | ... | W_n] in float64 on S's device.
 
@@ -99,10 +105,13 @@ def decompose_shared(
         weights: n matrices (d_in, d_out) in y = x W orientation.
         S: (d_in, d_in) whitening factor of the group (S^T S = summed Gram).
         shift: the whitening's eigenvalue shift, recorded with the result.
+        whitening: the factor's kind (``cholesky``: S upper triangular; ``eigh``).
     """
     w_group = concat_weights(weights).to(S.device)
     U, sigma, Vh = torch.linalg.svd(S.to(torch.float64) @ w_group, full_matrices=False)
-    return SharedDecomposition(S=S, U=U, sigma=sigma, Vh=Vh, d_out=weights[0].shape[1], shift=shift)
+    return SharedDecomposition(
+        S=S, U=U, sigma=sigma, Vh=Vh, d_out=weights[0].shape[1], shift=shift, whitening=whitening
+    )
 
 
 def whitened_error(

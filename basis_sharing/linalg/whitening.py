@@ -1,8 +1,14 @@
-"""Cholesky whitening of calibration statistics (docs/methods.md §3.4).
+"""Whitening of calibration statistics (docs/methods.md §3.4, §10.4).
 
-For a layer group with Gram M = sum_i X_i^T X_i (d_in x d_in), S = L^T with M = L L^T is the
-upper-triangular factor with S^T S = M, so that ||X D||_F = ||S D||_F for any D (d_in x d_out):
-truncating S W minimises the output error on the calibration inputs.
+For a layer group with Gram M = sum_i X_i^T X_i (d_in x d_in), any S with S^T S = M gives
+||X D||_F = ||S D||_F for every D (d_in x d_out): truncating S W minimises the output error on the
+calibration inputs. Two factors are offered:
+
+- ``cholesky`` (SVD-LLM, Basis Sharing): S = L^T with M = L L^T, upper triangular; a Gram that is
+  not positive definite is shifted, M + (-lambda_min + eps) I.
+- ``eigh`` (SVD-LLM V2): M = Q diag(lambda) Q^T, S = diag(sqrt(lambda'))Q^T with the eigenvalues
+  clamped, lambda' = max(lambda, eps): no positive definiteness needed, and directions the
+  calibration inputs excite are not shifted at all.
 """
 
 from __future__ import annotations
@@ -16,13 +22,22 @@ import torch
 DEFAULT_EPS = 7e-6
 
 
+WHITENINGS = ("cholesky", "eigh")
+
+
 @dataclass
 class Whitening:
-    """S (d_in, d_in), upper triangular, float64, with S^T S = M (+ shift I)."""
+    """S (d_in, d_in) in float64 with S^T S = M (+ shift I, or with clamped eigenvalues).
+
+    ``kind`` says how S is inverted (``unwhiten``): ``cholesky``'s S is upper triangular,
+    ``eigh``'s S = diag(sqrt(lambda')) Q^T has orthogonal rows, S S^T = diag(lambda').
+    """
 
     S: torch.Tensor
-    shift: float  # diagonal shift added to M; 0.0 when M was positive definite
-    min_eigenvalue: float | None  # lambda_min of M when the fallback ran, else None
+    shift: float  # diagonal shift added to M (cholesky) or eigenvalues clamped (eigh); 0.0: none
+    min_eigenvalue: float | None  # lambda_min of M when the fallback or a clamp ran, else None
+    kind: str = "cholesky"
+    clamped: int = 0  # eigenvalues raised to eps (eigh)
 
     @property
     def fell_back(self) -> bool:
@@ -52,10 +67,51 @@ def whitening_factor(gram: torch.Tensor, eps: float = DEFAULT_EPS) -> Whitening:
     return Whitening(S=factor.T.contiguous(), shift=shift, min_eigenvalue=lam_min)
 
 
-def unwhiten(S: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """S^{-1} Y by a triangular solve (never an explicit inverse).
+def eigh_whitening_factor(gram: torch.Tensor, eps: float = DEFAULT_EPS) -> Whitening:
+    """S = diag(sqrt(lambda')) Q^T from M = Q diag(lambda) Q^T, lambda' = max(lambda, eps).
 
     Args:
-        S: (d, d) upper triangular. Y: (d, m).
+        gram: M (d_in, d_in), symmetric, any float dtype and device.
+        eps: the smallest eigenvalue kept; smaller (and negative, rounding) ones are raised to it.
+
+    Returns:
+        Whitening of kind ``eigh``; ``shift`` is the largest amount an eigenvalue was raised by.
     """
-    return torch.linalg.solve_triangular(S, Y, upper=True)
+    m = gram.to(torch.float64)
+    m = (m + m.T) / 2
+    lam, q = torch.linalg.eigh(m)
+    low = lam < eps
+    clamped = int(low.sum())
+    shift = float((eps - lam[low]).max()) if clamped else 0.0
+    S = (lam.clamp(min=eps).sqrt()[:, None] * q.T).contiguous()
+    return Whitening(
+        S=S,
+        shift=shift,
+        min_eigenvalue=float(lam[0]) if clamped else None,
+        kind="eigh",
+        clamped=clamped,
+    )
+
+
+def whiten(gram: torch.Tensor, kind: str = "cholesky", eps: float = DEFAULT_EPS) -> Whitening:
+    """The whitening factor of ``gram`` by ``kind`` (``WHITENINGS``)."""
+    if kind == "cholesky":
+        return whitening_factor(gram, eps)
+    if kind == "eigh":
+        return eigh_whitening_factor(gram, eps)
+    raise ValueError(f"unknown whitening {kind!r}; valid: {', '.join(WHITENINGS)}")
+
+
+def unwhiten(S: torch.Tensor, Y: torch.Tensor, kind: str = "cholesky") -> torch.Tensor:
+    """S^{-1} Y, never through an explicit inverse.
+
+    Args:
+        S: (d, d), upper triangular (``cholesky``: a triangular solve) or with orthogonal rows
+            (``eigh``: S^{-1} = S^T diag(1 / |row|^2), exact since S S^T = diag(lambda')).
+        Y: (d, m).
+    """
+    if kind == "cholesky":
+        return torch.linalg.solve_triangular(S, Y, upper=True)
+    if kind == "eigh":
+        return S.T @ (Y / S.pow(2).sum(dim=1, keepdim=True))
+    raise ValueError(f"unknown whitening {kind!r}; valid: {', '.join(WHITENINGS)}")

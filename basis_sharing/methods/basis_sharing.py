@@ -4,7 +4,9 @@ For every projection kind, consecutive layers form groups; each group's weights 
 are whitened by the Cholesky factor of the group's summed input Gram and truncated by SVD into one
 shared basis and per-layer coefficients (docs/methods.md §3.4-§3.6). Private kinds are groups of one
 layer, which is exactly SVD-LLM (whitening + truncation); ``svd_llm`` is this class with every kind
-private. Both have the optional deviated-input ``update`` (``basis_sharing.methods.update``).
+private. Both have the optional refits (``update``: ``basis_sharing.methods.update``), and the
+choices beyond the papers (docs/methods.md §10): eigen whitening, global rank allocation, and for
+Basis Sharing the automatic sharing choice per kind (``shared: auto``).
 """
 
 from __future__ import annotations
@@ -16,14 +18,22 @@ import torch
 from torch import nn
 
 from basis_sharing.errors import ConfigError, unknown_choice
-from basis_sharing.linalg.whitening import whitening_factor
+from basis_sharing.linalg.whitening import whiten
+from basis_sharing.methods.allocation import family_gram, global_plans, sharing_errors
 from basis_sharing.methods.factorized import (
     FactorizedMethod,
     WhitenedSVDMethodConfig,
     check_kinds,
     check_positive,
 )
-from basis_sharing.methods.plan import REMAINDER_RANKS, GroupPlan, narrow_kinds, resolve_kinds
+from basis_sharing.methods.options import check_whitened_options
+from basis_sharing.methods.plan import (
+    REMAINDER_RANKS,
+    GroupPlan,
+    narrow_kinds,
+    plan_groups,
+    resolve_kinds,
+)
 from basis_sharing.methods.registry import CompressionContext, register_method
 from basis_sharing.methods.update import refit_sequential, refit_single_pass
 from basis_sharing.models.families import FamilyAdapter
@@ -34,7 +44,9 @@ class BasisSharingMethodConfig(WhitenedSVDMethodConfig):
     """Basis Sharing (docs/methods.md §3)."""
 
     group_size: int = 2  # consecutive layers sharing one basis (every released config uses 2)
-    shared: list[str] | None = None  # projection kinds sharing a basis; None = family default
+    # Projection kinds sharing a basis; None = family default; "auto": per kind, whichever of
+    # shared or private has the lower calibration output error (docs/methods.md §10.3).
+    shared: Any = None
     private: list[str] | None = None  # kinds with one basis per layer; None = family default
     remainder_rank: str = "nominal"  # smaller last group: "nominal" k (paper code) or "own"
     eps: float = 7e-6  # the Basis Sharing code's regulariser (SVD-LLM uses 1e-6)
@@ -57,7 +69,17 @@ class BasisSharing(FactorizedMethod):
         super().check_config(family)
         check_positive("eps", self.cfg.eps)  # eps = 0 leaves a rank-deficient Gram singular
         check_kinds(self.cfg.get("kinds"), family)
+        check_whitened_options(self.cfg, self.name)
         self.check_groups(family)
+        if self.update_mode() == "layerwise" and self.group_size() > 1:
+            raise ConfigError(
+                "method.update=layerwise (SVD-LLM's refit) refits one-layer groups only, and "
+                f"method.group_size={self.group_size()} shares bases; use method.update=sequential "
+                "(error-compensating, any group) or one_pass."
+            )
+
+    def auto_sharing(self) -> bool:
+        return self.cfg.get("shared") == "auto"
 
     def check_groups(self, family: FamilyAdapter | None) -> None:
         """``group_size``, ``remainder_rank`` and the kinds named in ``shared`` / ``private``."""
@@ -65,24 +87,97 @@ class BasisSharing(FactorizedMethod):
             raise ConfigError(f"method.group_size={self.cfg.group_size} must be >= 1.")
         if self.cfg.remainder_rank not in REMAINDER_RANKS:
             raise unknown_choice("method.remainder_rank", self.cfg.remainder_rank, REMAINDER_RANKS)
+        shared = self.cfg.shared
+        if isinstance(shared, str) and shared != "auto":
+            raise ConfigError(
+                f"method.shared={shared!r}: give a list of projection kinds, null (the family's "
+                "default) or auto."
+            )
+        if self.auto_sharing() and self.cfg.private is not None:
+            raise ConfigError(
+                "method.shared=auto chooses shared or private for every compressed kind; leave "
+                f"method.private unset (got {list(self.cfg.private)})."
+            )
         if family is not None:  # else the model's own family is checked once its config is read
-            for name in list(self.cfg.shared or []) + list(self.cfg.private or []):
+            for name in list(self.listed_shared()) + list(self.cfg.private or []):
                 family.projection(name)  # an unknown kind fails here, listing the valid ones
 
+    def listed_shared(self) -> list[str]:
+        """``method.shared`` when it is a list of kinds, else empty."""
+        shared = self.cfg.get("shared")
+        return [] if shared is None or isinstance(shared, str) else list(shared)
+
     def shape_plan(self, model: nn.Module, family: FamilyAdapter, ratio: float):
+        """The plan from shapes: None with ``shared=auto`` (its kinds come from the data); with
+        global allocation, the uniform plan (same groups and budget, ranks decided later)."""
         n_layers = len(family.layers(model))
         if self.group_size() > n_layers:
             raise ConfigError(
                 f"method.group_size={self.group_size()} exceeds the model's {n_layers} decoder "
                 f"layers; use method.group_size<={n_layers} (all layers in one group)."
             )
-        return super().shape_plan(model, family, ratio)
+        if self.auto_sharing():
+            return None
+        return self.uniform_plan(model, family, ratio)
+
+    def uniform_plan(self, model: nn.Module, family: FamilyAdapter, ratio: float):
+        shared, private = self.kinds(family, model)
+        remainder = self.cfg.get("remainder_rank", "nominal")
+        return plan_groups(model, family, ratio, self.group_size(), shared, private, remainder)
+
+    def plan(self, model: nn.Module, family: FamilyAdapter, ctx: CompressionContext):
+        """The sharing choice (``shared=auto``), then the uniform plan, then global ranks."""
+        self.sharing_report = None
+        if self.auto_sharing():
+            self.choose_sharing(model, family, ctx)
+        plans = self.uniform_plan(model, family, ctx.ratio)
+        if self.cfg.get("allocation", "uniform") == "global":
+            layers = family.layers(model)
+            plans = global_plans(
+                plans,
+                lambda p: self.decomposition(layers, family, p, ctx),
+                ctx.ratio,
+                self.cfg.allocation_scope,
+                bool(self.cfg.allocation_normalize),
+                int(self.cfg.min_rank),
+            )
+        return plans
+
+    def choose_sharing(self, model: nn.Module, family: FamilyAdapter, ctx: CompressionContext):
+        """Per compressed kind, shared groups or one basis per layer: the lower output error."""
+        self.chosen_kinds = None
+        layers = family.layers(model)
+        remainder = self.cfg.get("remainder_rank", "nominal")
+        report = []
+        for kind in self.budget_kinds(family) or family.kinds:
+            both = [
+                plan_groups(model, family, ctx.ratio, size, shared, private, remainder)
+                for size, shared, private in ((self.group_size(), (kind,), ()), (1, (), (kind,)))
+            ]
+            report.append(
+                sharing_errors(
+                    kind,
+                    *both,
+                    lambda p: self.decomposition(layers, family, p, ctx),
+                    lambda i, kind=kind: family.weight(layers[i], kind).detach(),
+                    family_gram(ctx.stats or {}, family, kind),
+                )
+            )
+        shared = tuple(r["kind"] for r in report if r["choice"] == "shared")
+        self.chosen_kinds = (shared, tuple(r["kind"] for r in report if r["kind"] not in shared))
+        self.sharing_report = report
 
     def configured_kinds(self) -> tuple[list[str] | None, list[str] | None]:
-        """``method.shared`` and ``method.private`` as given (None: not named)."""
+        """``method.shared`` and ``method.private`` as given (None: not named).
+
+        With ``shared=auto`` they are the choice made at compression time, once it is made.
+        """
+        chosen = getattr(self, "chosen_kinds", None)
+        if self.auto_sharing() and chosen is not None:
+            return list(chosen[0]), list(chosen[1])
         shared, private = self.cfg.get("shared"), self.cfg.get("private")
         return (
-            list(shared) if shared is not None else None,
+            list(shared) if shared is not None and not isinstance(shared, str) else None,
             list(private) if private is not None else None,
         )
 
@@ -112,21 +207,34 @@ class BasisSharing(FactorizedMethod):
         )
 
     def compress(self, model: nn.Module, family: FamilyAdapter, ctx: CompressionContext) -> dict:
-        by_rule = self.private_by_rule(family, model)  # from the dense shapes, before surgery
-        info = super().compress(model, family, ctx)
+        by_rule = () if self.auto_sharing() else self.private_by_rule(family, model)
+        info = super().compress(model, family, ctx)  # before surgery: the rule reads dense shapes
         info["private_by_gqa_rule"] = list(by_rule)
+        info["whitening"] = self.whitening_kind()
+        info["allocation"] = {
+            "mode": self.cfg.get("allocation", "uniform"),
+            "scope": self.cfg.get("allocation_scope", "kind"),
+            "normalize": bool(self.cfg.get("allocation_normalize", False)),
+            "min_rank": int(self.cfg.get("min_rank", 1)),
+        }
+        if self.auto_sharing():
+            info["sharing"] = self.sharing_report
+        self.chosen_kinds = self.sharing_report = None  # the next job of a sweep chooses again
         return info
 
     def scaling(
         self, plan: GroupPlan, family: FamilyAdapter, stats: dict[str, Any], device: torch.device
     ) -> tuple[torch.Tensor, float]:
-        """Cholesky factor of the group's summed Gram (docs/methods.md §3.4)."""
+        """Whitening factor of the group's summed Gram (docs/methods.md §3.4, §10.4)."""
         gram = stats["gram"].group_gram(plan.layers, family.projection(plan.kind).input)
-        whitening = whitening_factor(gram.to(device), eps=self.cfg.eps)
+        whitening = whiten(gram.to(device), self.whitening_kind(), eps=self.cfg.eps)
         return whitening.S, whitening.shift
 
+    def whitening_kind(self) -> str:
+        return self.cfg.get("whitening", "cholesky")
+
     def cache_tag(self) -> tuple:
-        return ("gram", self.cfg.eps)
+        return ("gram", self.cfg.eps, self.whitening_kind())
 
     def update(
         self,
@@ -136,16 +244,33 @@ class BasisSharing(FactorizedMethod):
         originals: dict,
         ctx: CompressionContext,
     ) -> dict:
-        """The paper's update: one pass of the compressed model, every group refit at once."""
-        return refit_single_pass(model, family, plans, originals, ctx, self.cfg.eps)
+        """The configured refit (``methods.options.UPDATES``), the basis fixed unless
+        ``refit_basis``."""
+        mode, eps = self.update_mode(), self.cfg.eps
+        if mode == "one_pass":
+            return refit_single_pass(model, family, plans, originals, ctx, eps)
+        if mode == "layerwise":
+            return refit_sequential(model, family, plans, originals, ctx, eps)
+        from basis_sharing.methods.update import refit_compensating  # TEMP until it lands
+
+        return refit_compensating(
+            model,
+            family,
+            plans,
+            originals,
+            ctx,
+            eps,
+            refit_basis=bool(self.cfg.get("refit_basis", False)),
+            samples=self.cfg.get("refit_samples"),
+        )
 
 
 @register_method("svd_llm", schema=SVDLLMMethodConfig)
 class SVDLLM(BasisSharing):
     """SVD-LLM's whitening + truncation: Basis Sharing with one layer per group for every kind.
 
-    Its update is SVD-LLM's own: layer by layer, each layer refit on the inputs produced by the
-    already compressed (and refit) earlier layers.
+    Its own update (``update: true``) is SVD-LLM's ``layerwise`` refit: layer by layer, each layer
+    refit on the inputs produced by the already compressed (and refit) earlier layers.
     """
 
     label = "SVD-LLM"
@@ -163,13 +288,3 @@ class SVDLLM(BasisSharing):
 
     def private_by_rule(self, family: FamilyAdapter, model: nn.Module) -> tuple[str, ...]:
         return ()  # every kind is private by definition, not by the rule
-
-    def update(
-        self,
-        model: nn.Module,
-        family: FamilyAdapter,
-        plans: list[GroupPlan],
-        originals: dict,
-        ctx: CompressionContext,
-    ) -> dict:
-        return refit_sequential(model, family, plans, originals, ctx, self.cfg.eps)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from basis_sharing.errors import ConfigError
 from basis_sharing.linalg.factorization import SharedDecomposition, decompose_shared
+from basis_sharing.methods.options import update_mode
 from basis_sharing.methods.plan import GroupPlan, plan_groups, planned_params
 from basis_sharing.methods.registry import CompressionContext, CompressionMethod, MethodConfig
 from basis_sharing.models.families import FamilyAdapter, dense_projection_weights
@@ -42,10 +43,25 @@ class FactorizedMethodConfig(MethodConfig):
 
 @dataclass
 class WhitenedSVDMethodConfig(FactorizedMethodConfig):
-    """Shared by every method that whitens with the calibration Gram (svd_llm, basis_sharing)."""
+    """Shared by every method that whitens with the calibration Gram (svd_llm, basis_sharing).
+
+    The defaults are the papers' procedure; the other choices are docs/methods.md §10.
+    """
 
     eps: float = 1e-6  # added to -lambda_min when a Gram is not positive definite
-    update: bool = False  # refit the coefficients on the compressed model's inputs
+    # Refit of the coefficients after the truncation (``methods.update.UPDATES``): none,
+    # one_pass (Basis Sharing's), layerwise (SVD-LLM's), sequential (error-compensating, to the
+    # original outputs). true / false: the method's own update / none.
+    update: Any = False
+    refit_basis: bool = False  # update=sequential: also refit each shared basis (ALS)
+    refit_samples: int | None = None  # update=sequential: calibration samples used (None: all)
+    whitening: str = "cholesky"  # or eigh (SVD-LLM V2: clamped eigenvalues)
+    # Ranks: uniform (the papers' rule per group) or global (largest whitened energy per
+    # parameter, docs/methods.md §10.2), within each kind or across all kinds (allocation_scope).
+    allocation: str = "uniform"
+    allocation_scope: str = "kind"  # or all
+    allocation_normalize: bool = False  # global: each group's energies divided by its total
+    min_rank: int = 1  # global: the smallest rank a group may get
     # Projection kinds to compress (None: every kind). The others stay dense, and ``ratio`` is
     # the fraction removed from the named kinds' weights (e.g. [up, gate, down]: the MLP only).
     kinds: list[str] | None = None
@@ -64,7 +80,15 @@ class FactorizedMethod(CompressionMethod):
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return bool(self.stats_needed) or self.cfg.get("update", False)
+        return bool(self.stats_needed) or self.update_mode() != "none"
+
+    def update_mode(self) -> str:
+        """The configured refit (``methods.update.UPDATES``); "none" for methods without one."""
+        return update_mode(self.name, self.cfg.get("update", False))
+
+    def whitening_kind(self) -> str:
+        """How S is inverted: ``cholesky`` (S upper triangular, also every diagonal S) or eigh."""
+        return "cholesky"
 
     # ---- what a method specialises -------------------------------------------------------
     def group_size(self) -> int:
@@ -112,7 +136,8 @@ class FactorizedMethod(CompressionMethod):
     # ---- the shared procedure ------------------------------------------------------------
     def compress(self, model: nn.Module, family: FamilyAdapter, ctx: CompressionContext) -> dict:
         plans = self.plan(model, family, ctx)
-        originals = snapshot_weights(model, family) if self.cfg.get("update", False) else {}
+        updating = self.update_mode() != "none"
+        originals = snapshot_weights(model, family) if updating else {}
         info = self.apply(model, family, plans, ctx)
         if originals:
             info["update"] = self.update(model, family, plans, originals, ctx)
@@ -158,7 +183,7 @@ class FactorizedMethod(CompressionMethod):
         def compute() -> SharedDecomposition:
             S, shift = self.scaling(plan, family, ctx.stats or {}, device)
             weights = [family.weight(layers[i], plan.kind).detach().to(device) for i in plan.layers]
-            return decompose_shared(weights, S, shift)
+            return decompose_shared(weights, S, shift, self.whitening_kind())
 
         run_key = ctx.stats_key
         if run_key is None or ctx.caches is None:

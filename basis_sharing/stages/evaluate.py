@@ -44,7 +44,7 @@ def evaluate_perplexity(state: RunState) -> None:
             cfg.model.context_length,
             dataset=name,
             batch_size=batch_size,
-            max_windows=cfg.eval.max_windows,
+            max_windows=cfg.eval.dataset_windows.get(name) or cfg.eval.max_windows,
             runner=runner,
         )
         results[name] = result.as_dict()

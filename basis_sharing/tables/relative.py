@@ -33,7 +33,7 @@ class RelativePanel:
 def is_reference(cell: Cell) -> bool:
     """SVD-LLM as the paper runs it (no update step): the row every other one is divided by."""
     runs = cell.row.runs
-    return runs.get("method") == REFERENCE_METHOD and not runs.get("update", False)
+    return runs.get("method") == REFERENCE_METHOD and runs.get("update", "none") == "none"
 
 
 def _value(cell: Cell, reported: bool) -> float | None:

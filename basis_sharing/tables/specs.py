@@ -18,6 +18,7 @@ from typing import Any
 
 from basis_sharing.config import PAPER_ZEROSHOT_TASKS
 from basis_sharing.methods import METHODS
+from basis_sharing.methods.options import update_mode
 
 RATIOS = (0.2, 0.3, 0.4, 0.5)
 # Each registered method's row label, as its class declares it (e.g. svd_llm -> "SVD-LLM").
@@ -125,7 +126,7 @@ def method_row(method: str, ratio: float | None, *, label: str | None = None, **
     """A method at a ratio (``ratio=None``: the dense Original row)."""
     filters: dict[str, Any] = {"method": method, "target_ratio": ratio}
     if method in ("svd_llm", "basis_sharing"):
-        filters["update"] = False
+        filters["update"] = "none"
     if method == "basis_sharing":
         filters["group_size"] = PAPER_GROUP_SIZE
     filters.update(runs)
@@ -289,7 +290,7 @@ def group_size_table(
     rows = tuple(
         Row(
             f"n = {n}",
-            {"method": "basis_sharing", "group_size": n, "update": False},
+            {"method": "basis_sharing", "group_size": n, "update": "none"},
             {"group_size": n},
         )
         for n in sizes
@@ -357,7 +358,8 @@ def smollm_rows() -> tuple[Row, ...]:
             block.append(method_row(method, ratio))
             if method in ("svd_llm", "basis_sharing"):
                 label = f"{METHOD_LABELS[method]} + update"
-                block.append(method_row(method, ratio, label=label, update=True))
+                own = update_mode(method, True)
+                block.append(method_row(method, ratio, label=label, update=own))
         rows += [
             Row(r.label, r.runs, None, r.ratio, r.group if i == 0 else "")
             for i, r in enumerate(block)

@@ -23,6 +23,8 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from basis_sharing.errors import ConfigError
+from basis_sharing.methods.options import update_mode
 from basis_sharing.tracking import schema
 from basis_sharing.tracking.record import RESULTS_FILE
 from basis_sharing.tracking.resume import config_fingerprint, read_record
@@ -40,6 +42,10 @@ BASE_COLUMNS = [
     "achieved_ratio",
     "group_size",
     "update",
+    "refit_basis",
+    "whitening",
+    "allocation",
+    "sharing",
     "kinds",
     "sparsity",
     "u_update",
@@ -144,6 +150,22 @@ def _get(node: Any, *keys: str) -> Any:
     return node
 
 
+def _update(method: str | None, method_cfg: dict[str, Any]) -> str:
+    try:
+        return update_mode(method or "", method_cfg.get("update", False))
+    except ConfigError:
+        return str(method_cfg.get("update"))
+
+
+def _allocation(method_cfg: dict[str, Any]) -> str | None:
+    """``uniform``, or ``global`` with its scope and normalisation (``global/kind/normalized``)."""
+    mode = method_cfg.get("allocation")
+    if mode != "global":
+        return mode
+    scope = method_cfg.get("allocation_scope", "kind")
+    return f"global/{scope}" + ("/normalized" if method_cfg.get("allocation_normalize") else "")
+
+
 def record_row(record: dict[str, Any]) -> dict[str, Any]:
     """The store's view of one record: one flat dict of scalars."""
     config = section(record, Key.CONFIG)
@@ -158,7 +180,13 @@ def record_row(record: dict[str, Any]) -> dict[str, Any]:
         "target_ratio": None if target is None else float(target),
         "achieved_ratio": _get(record, Key.PARAMS, "achieved_ratio"),
         "group_size": None if group_size is None else int(group_size),
-        "update": bool(method_cfg.get("update", False)),
+        # The refit by name (methods.options.UPDATES): records with update: true/false read as
+        # the method's own update / none.
+        "update": _update(record.get(Key.METHOD) or method_cfg.get("name"), method_cfg),
+        "refit_basis": bool(method_cfg.get("refit_basis", False)),
+        "whitening": method_cfg.get("whitening", "cholesky" if "eps" in method_cfg else None),
+        "allocation": _allocation(method_cfg),
+        "sharing": "auto" if method_cfg.get("shared") == "auto" else "default",
         # Methods compressing some kinds only (method.kinds, FiPS): which, and the ratio over them.
         "kinds": "/".join(kinds) if (kinds := method_cfg.get("kinds")) else "all",
         "sparsity": method_cfg.get("sparsity"),
