@@ -260,7 +260,6 @@ def test_auto_has_no_shape_plan_and_refuses_a_private_list():
         ("basis_sharing", "true", "one_pass"),
         ("svd_llm", False, "none"),
         ("svd_llm", "False", "none"),
-        ("basis_sharing", "sequential", "sequential"),
         ("svd_llm", "one_pass", "one_pass"),
     ],
 )
@@ -272,9 +271,9 @@ def test_bad_update_settings_are_refused_before_any_work():
     llama = get_family("llama")
     with pytest.raises(ConfigError, match="Valid choices"):
         method(update="twice").check_config(llama)
-    with pytest.raises(ConfigError, match="use method.update=sequential"):
+    with pytest.raises(ConfigError, match="use method.update=one_pass"):
         method(update="layerwise").check_config(llama)
-    with pytest.raises(ConfigError, match="refit_basis"):
-        method(refit_basis=True, update="one_pass").check_config(llama)
+    with pytest.raises(ConfigError, match="Valid choices"):
+        method(update="sequential").check_config(llama)  # not built yet (docs/methods.md §10.1)
     method("svd_llm", update="layerwise").check_config(llama)
     method(group_size=1, update="layerwise").check_config(llama)

@@ -74,8 +74,7 @@ class BasisSharing(FactorizedMethod):
         if self.update_mode() == "layerwise" and self.group_size() > 1:
             raise ConfigError(
                 "method.update=layerwise (SVD-LLM's refit) refits one-layer groups only, and "
-                f"method.group_size={self.group_size()} shares bases; use method.update=sequential "
-                "(error-compensating, any group) or one_pass."
+                f"method.group_size={self.group_size()} shares bases; use method.update=one_pass."
             )
 
     def auto_sharing(self) -> bool:
@@ -244,25 +243,11 @@ class BasisSharing(FactorizedMethod):
         originals: dict,
         ctx: CompressionContext,
     ) -> dict:
-        """The configured refit (``methods.options.UPDATES``), the basis fixed unless
-        ``refit_basis``."""
+        """The configured refit (``methods.options.UPDATES``), every basis fixed."""
         mode, eps = self.update_mode(), self.cfg.eps
         if mode == "one_pass":
             return refit_single_pass(model, family, plans, originals, ctx, eps)
-        if mode == "layerwise":
-            return refit_sequential(model, family, plans, originals, ctx, eps)
-        from basis_sharing.methods.update import refit_compensating  # TEMP until it lands
-
-        return refit_compensating(
-            model,
-            family,
-            plans,
-            originals,
-            ctx,
-            eps,
-            refit_basis=bool(self.cfg.get("refit_basis", False)),
-            samples=self.cfg.get("refit_samples"),
-        )
+        return refit_sequential(model, family, plans, originals, ctx, eps)
 
 
 @register_method("svd_llm", schema=SVDLLMMethodConfig)

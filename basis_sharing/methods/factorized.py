@@ -49,12 +49,9 @@ class WhitenedSVDMethodConfig(FactorizedMethodConfig):
     """
 
     eps: float = 1e-6  # added to -lambda_min when a Gram is not positive definite
-    # Refit of the coefficients after the truncation (``methods.update.UPDATES``): none,
-    # one_pass (Basis Sharing's), layerwise (SVD-LLM's), sequential (error-compensating, to the
-    # original outputs). true / false: the method's own update / none.
+    # Refit of the coefficients after the truncation (``methods.options.UPDATES``): none,
+    # one_pass (Basis Sharing's), layerwise (SVD-LLM's). true / false: the method's own / none.
     update: Any = False
-    refit_basis: bool = False  # update=sequential: also refit each shared basis (ALS)
-    refit_samples: int | None = None  # update=sequential: calibration samples used (None: all)
     whitening: str = "cholesky"  # or eigh (SVD-LLM V2: clamped eigenvalues)
     # Ranks: uniform (the papers' rule per group) or global (largest whitened energy per
     # parameter, docs/methods.md §10.2), within each kind or across all kinds (allocation_scope).

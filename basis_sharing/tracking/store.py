@@ -42,7 +42,6 @@ BASE_COLUMNS = [
     "achieved_ratio",
     "group_size",
     "update",
-    "refit_basis",
     "whitening",
     "allocation",
     "sharing",
@@ -183,7 +182,6 @@ def record_row(record: dict[str, Any]) -> dict[str, Any]:
         # The refit by name (methods.options.UPDATES): records with update: true/false read as
         # the method's own update / none.
         "update": _update(record.get(Key.METHOD) or method_cfg.get("name"), method_cfg),
-        "refit_basis": bool(method_cfg.get("refit_basis", False)),
         "whitening": method_cfg.get("whitening", "cholesky" if "eps" in method_cfg else None),
         "allocation": _allocation(method_cfg),
         "sharing": "auto" if method_cfg.get("shared") == "auto" else "default",
