@@ -74,6 +74,16 @@ EXPECTED = {
             "eval.zeroshot.limit": 100,
         },
     ),
+    "plus_smollm": (
+        {"ratio": "0.2,0.3,0.4,0.5"},
+        {
+            "model.name": "smollm2_135m",
+            "method.name": "basis_sharing",
+            "eval.max_windows": 16,
+            "eval.dataset_windows.ptb": 4,
+            "eval.dataset_windows.c4": 4,
+        },
+    ),
     "table_smollm": (
         {"method": METHODS, "ratio": RATIOS},
         {
