@@ -261,6 +261,7 @@ def test_auto_has_no_shape_plan_and_refuses_a_private_list():
         ("svd_llm", False, "none"),
         ("svd_llm", "False", "none"),
         ("svd_llm", "one_pass", "one_pass"),
+        ("basis_sharing", "Sequential", "sequential"),
     ],
 )
 def test_update_names(name, value, mode):
@@ -273,7 +274,13 @@ def test_bad_update_settings_are_refused_before_any_work():
         method(update="twice").check_config(llama)
     with pytest.raises(ConfigError, match="use method.update=one_pass"):
         method(update="layerwise").check_config(llama)
-    with pytest.raises(ConfigError, match="Valid choices"):
-        method(update="sequential").check_config(llama)  # not built yet (docs/methods.md §10.1)
+    with pytest.raises(ConfigError, match="options of method.update=sequential"):
+        method(update="one_pass", refit_basis=True).check_config(llama)
+    with pytest.raises(ConfigError, match="options of method.update=sequential"):
+        method("svd_llm", update=True, refit_samples=8).check_config(llama)
+    with pytest.raises(ConfigError, match="refit_samples=0 must be >= 1"):
+        method(update="sequential", refit_samples=0).check_config(llama)
+    method(update="sequential", refit_basis=True, refit_samples=4).check_config(llama)
+    method("svd_llm", update="sequential").check_config(llama)
     method("svd_llm", update="layerwise").check_config(llama)
     method(group_size=1, update="layerwise").check_config(llama)

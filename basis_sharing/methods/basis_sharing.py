@@ -35,7 +35,11 @@ from basis_sharing.methods.plan import (
     resolve_kinds,
 )
 from basis_sharing.methods.registry import CompressionContext, register_method
-from basis_sharing.methods.update import refit_sequential, refit_single_pass
+from basis_sharing.methods.update import (
+    refit_compensating,
+    refit_sequential,
+    refit_single_pass,
+)
 from basis_sharing.models.families import FamilyAdapter
 
 
@@ -247,6 +251,17 @@ class BasisSharing(FactorizedMethod):
         mode, eps = self.update_mode(), self.cfg.eps
         if mode == "one_pass":
             return refit_single_pass(model, family, plans, originals, ctx, eps)
+        if mode == "sequential":
+            return refit_compensating(
+                model,
+                family,
+                plans,
+                originals,
+                ctx,
+                eps,
+                refit_basis=self.cfg.get("refit_basis", False),
+                samples=self.cfg.get("refit_samples"),
+            )
         return refit_sequential(model, family, plans, originals, ctx, eps)
 
 

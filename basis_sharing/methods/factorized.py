@@ -50,8 +50,11 @@ class WhitenedSVDMethodConfig(FactorizedMethodConfig):
 
     eps: float = 1e-6  # added to -lambda_min when a Gram is not positive definite
     # Refit of the coefficients after the truncation (``methods.options.UPDATES``): none,
-    # one_pass (Basis Sharing's), layerwise (SVD-LLM's). true / false: the method's own / none.
+    # one_pass (Basis Sharing's), layerwise (SVD-LLM's), sequential (to the original outputs,
+    # docs/methods.md §10.1). true / false: the method's own / none.
     update: Any = False
+    refit_basis: bool = False  # sequential: also refit each shared basis (alternating LS)
+    refit_samples: int | None = None  # sequential: the first N calibration samples (None: all)
     whitening: str = "cholesky"  # or eigh (SVD-LLM V2: clamped eigenvalues)
     # Ranks: uniform (the papers' rule per group) or global (largest whitened energy per
     # parameter, docs/methods.md §10.2), within each kind or across all kinds (allocation_scope).

@@ -12,9 +12,9 @@ from basis_sharing.errors import ConfigError, unknown_choice
 from basis_sharing.linalg.whitening import WHITENINGS
 
 # none; one_pass: Basis Sharing's refit on one pass of the compressed model (docs/methods.md §3.9);
-# layerwise: SVD-LLM's, layer by layer on the deviated inputs (§4.3). The error-compensating
-# "sequential" refit of docs/methods.md §10.1 is not built yet.
-UPDATES = ("none", "one_pass", "layerwise")
+# layerwise: SVD-LLM's, layer by layer on the deviated inputs (§4.3); sequential: layer by layer
+# to the ORIGINAL model's outputs, compensating the earlier layers' error (§10.1).
+UPDATES = ("none", "one_pass", "layerwise", "sequential")
 ALLOCATIONS = ("uniform", "global")
 ALLOCATION_SCOPES = ("kind", "all")
 
@@ -57,3 +57,16 @@ def check_whitened_options(cfg: Any, method: str) -> None:
         raise unknown_choice("method.allocation_scope", cfg.allocation_scope, ALLOCATION_SCOPES)
     if int(cfg.get("min_rank", 1)) < 1:
         raise ConfigError(f"method.min_rank={cfg.min_rank} must be >= 1.")
+    check_refit_options(cfg, update_mode(method, cfg.get("update", False)))
+
+
+def check_refit_options(cfg: Any, mode: str) -> None:
+    """``refit_basis`` and ``refit_samples`` belong to ``update=sequential`` alone."""
+    refit_basis, samples = bool(cfg.get("refit_basis", False)), cfg.get("refit_samples")
+    if mode != "sequential" and (refit_basis or samples is not None):
+        raise ConfigError(
+            "method.refit_basis and method.refit_samples are options of method.update=sequential "
+            f"(got method.update={mode}, refit_basis={refit_basis}, refit_samples={samples})."
+        )
+    if samples is not None and int(samples) < 1:
+        raise ConfigError(f"method.refit_samples={samples} must be >= 1 (or null: every sample).")
