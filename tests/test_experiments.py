@@ -168,6 +168,8 @@ ADDED_SINCE = {
     "allocation_scope": "kind",
     "allocation_normalize": False,
     "min_rank": 1,
+    "refit_basis": False,
+    "refit_samples": None,
 }
 
 
