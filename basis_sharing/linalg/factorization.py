@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -40,6 +40,23 @@ def concat_weights(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([w.to(torch.float64) for w in weights], dim=1)
 
 
+# How a group's factorisation is computed (docs/methods.md §5.1): the thin SVD of S W_G (the
+# reference), the eigendecomposition of its smaller Gram, or per group by shape.
+DECOMPOSITIONS = ("svd", "gram_eigh", "auto")
+# auto takes gram_eigh when the long side of S W_G is at least this many times the short one
+# (measured: scripts/bench_decomposition.py); nearer to square the thin SVD is kept.
+AUTO_ASPECT = 1.5
+
+
+def decomposition_path(d_in: int, width: int, choice: str) -> str:
+    """``svd`` or ``gram_eigh`` for S W_G of shape (d_in, width) under ``method.decomposition``."""
+    if choice not in DECOMPOSITIONS:
+        raise ValueError(f"decomposition {choice!r} is not one of {DECOMPOSITIONS}")
+    if choice != "auto":
+        return choice
+    return "gram_eigh" if max(d_in, width) >= AUTO_ASPECT * min(d_in, width) else "svd"
+
+
 @dataclass
 class SharedDecomposition:
     """Thin SVD of S W_G, kept whole so that any rank can be cut from it.
@@ -62,15 +79,25 @@ class SharedDecomposition:
 
     @property
     def n_members(self) -> int:
-        return self.Vh.shape[1] // self.d_out
+        return self.width // self.d_out
+
+    @property
+    def width(self) -> int:
+        """n * d_out, the columns of W_G."""
+        return self.Vh.shape[1]
+
+    def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U_k Sigma_k (d_in, k), V_k^T (k, n * d_out)) of the rank-k truncation."""
+        return self.U[:, :k] * self.sigma[:k], self.Vh[:k]
 
     def truncate(self, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Basis B (d_in, k) = S^{-1} U_k Sigma_k and coefficients C_j (k, d_out), float64."""
         if not 0 < k <= self.sigma.numel():
             raise ValueError(f"rank {k} outside [1, {self.sigma.numel()}]")
-        basis = unwhiten(self.S, self.U[:, :k] * self.sigma[:k], self.whitening)
+        scaled_left, right = self.factors(k)
+        basis = unwhiten(self.S, scaled_left, self.whitening)
         coefficients = [
-            self.Vh[:k, j * self.d_out : (j + 1) * self.d_out] for j in range(self.n_members)
+            right[:, j * self.d_out : (j + 1) * self.d_out] for j in range(self.n_members)
         ]
         return basis, coefficients
 
@@ -78,19 +105,57 @@ class SharedDecomposition:
         """sqrt(sum of squared singular values beyond k): the whitened truncation error."""
         return float(self.sigma[k:].pow(2).sum().sqrt())
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.S, self.U, self.sigma, self.Vh))
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            f.name: v for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)
+        }
 
-    def to(self, device: torch.device | str) -> SharedDecomposition:
-        return SharedDecomposition(
-            self.S.to(device),
-            self.U.to(device),
-            self.sigma.to(device),
-            self.Vh.to(device),
-            self.d_out,
-            self.shift,
-            self.whitening,
-        )
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
+    def to(self, device: torch.device | str):
+        return replace(self, **{name: t.to(device) for name, t in self._tensors().items()})
+
+
+@dataclass
+class GramEighDecomposition(SharedDecomposition):
+    """The same factorisation from the eigendecomposition of the smaller Gram of A = S W_G.
+
+    ``side="left"`` (n d_out > d_in): A A^T = U Sigma^2 U^T (d_in x d_in); the right vectors of a
+    truncation are formed only for the kept k, V_k^T = Sigma_k^{-1} U_k^T A. ``side="right"``
+    (d_in the larger side): A^T A = V Sigma^2 V^T and U_k Sigma_k = A V_k. A is kept (in the place
+    of the SVD's other factor, the same size) so that any rank can still be cut. Squaring A
+    squares its condition number: singular values below about sqrt(machine eps) x sigma_max lose
+    their relative accuracy (absolute error ~ eps sigma_max^2 / sigma), which leaves the kept
+    components of a truncation and the discarded energy accurate.
+
+    Attributes (besides S, sigma, d_out, shift, whitening): A (d_in, n d_out); U: the left vectors
+    (side left) or V (n d_out, r) (side right); Vh is unused (an empty tensor).
+    """
+
+    A: torch.Tensor = None  # type: ignore[assignment]
+    side: str = "left"
+
+    @property
+    def width(self) -> int:
+        return self.A.shape[1]
+
+    def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma = self.sigma[:k]
+        if self.side == "right":
+            v = self.U[:, :k]
+            return self.A @ v, v.T
+        u = self.U[:, :k]
+        # A zero singular value's row of V^T is arbitrary in the SVD; 0 adds nothing to B C.
+        tiny = sigma <= torch.finfo(sigma.dtype).eps * max(float(self.sigma[0]), 1e-300)
+        inv = torch.where(tiny, torch.zeros_like(sigma), 1.0 / sigma.clamp_min(1e-300))
+        return u * sigma, (u.T @ self.A) * inv[:, None]
+
+
+def _descending_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(singular values, vectors) from eigh of a Gram A A^T or A^T A, largest first."""
+    lam, vectors = torch.linalg.eigh((gram + gram.T) / 2)
+    return lam.flip(0).clamp_min(0).sqrt(), vectors.flip(1)
 
 
 def decompose_shared(
@@ -98,19 +163,38 @@ def decompose_shared(
     S: torch.Tensor,
     shift: float = 0.0,
     whitening: str = "cholesky",
+    path: str = "svd",
 ) -> SharedDecomposition:
-    """SVD of S [W_1 | ... | W_n] in float64 on S's device.
+    """Factorisation of S [W_1 | ... | W_n] in float64 on S's device.
 
     Args:
         weights: n matrices (d_in, d_out) in y = x W orientation.
         S: (d_in, d_in) whitening factor of the group (S^T S = summed Gram).
         shift: the whitening's eigenvalue shift, recorded with the result.
         whitening: the factor's kind (``cholesky``: S upper triangular; ``eigh``).
+        path: ``svd`` (thin SVD, the reference), ``gram_eigh`` (eigh of the smaller Gram) or
+            ``auto`` (``decomposition_path``).
     """
     w_group = concat_weights(weights).to(S.device)
-    U, sigma, Vh = torch.linalg.svd(S.to(torch.float64) @ w_group, full_matrices=False)
-    return SharedDecomposition(
-        S=S, U=U, sigma=sigma, Vh=Vh, d_out=weights[0].shape[1], shift=shift, whitening=whitening
+    a = S.to(torch.float64) @ w_group
+    d_out = weights[0].shape[1]
+    if decomposition_path(*a.shape, path) == "svd":
+        U, sigma, Vh = torch.linalg.svd(a, full_matrices=False)
+        return SharedDecomposition(
+            S=S, U=U, sigma=sigma, Vh=Vh, d_out=d_out, shift=shift, whitening=whitening
+        )
+    side = "left" if a.shape[1] >= a.shape[0] else "right"
+    sigma, vectors = _descending_eigh(a @ a.T if side == "left" else a.T @ a)
+    return GramEighDecomposition(
+        S=S,
+        U=vectors,
+        sigma=sigma,
+        Vh=a.new_empty(0),
+        d_out=d_out,
+        shift=shift,
+        whitening=whitening,
+        A=a,
+        side=side,
     )
 
 

@@ -23,8 +23,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from basis_sharing.errors import ConfigError
-from basis_sharing.linalg.factorization import SharedDecomposition, decompose_shared
+from basis_sharing.errors import ConfigError, unknown_choice
+from basis_sharing.linalg.factorization import (
+    DECOMPOSITIONS,
+    SharedDecomposition,
+    decompose_shared,
+)
 from basis_sharing.methods.options import update_mode
 from basis_sharing.methods.plan import GroupPlan, plan_groups, planned_params
 from basis_sharing.methods.registry import CompressionContext, CompressionMethod, MethodConfig
@@ -39,6 +43,10 @@ class FactorizedMethodConfig(MethodConfig):
     """Settings every SVD-family method has."""
 
     decomposition_cache_mb: float = 4096  # in-process SVD reuse across a sweep; 0 disables
+    # How each group's S W_G is factorised (docs/methods.md §5.1): svd (the thin SVD, the
+    # reference), gram_eigh (eigh of its smaller Gram, only the kept vectors formed) or auto
+    # (gram_eigh when one side is at least 1.5x the other).
+    decomposition: str = "svd"
 
 
 @dataclass
@@ -114,6 +122,13 @@ class FactorizedMethod(CompressionMethod):
         budget = self.cfg.decomposition_cache_mb
         if not budget >= 0:  # `not >=` also refuses NaN; inf is a budget without a limit
             raise ConfigError(f"method.decomposition_cache_mb={budget} must be >= 0 (0 disables).")
+        if self.decomposition_choice() not in DECOMPOSITIONS:
+            raise unknown_choice(
+                "method.decomposition", self.decomposition_choice(), DECOMPOSITIONS
+            )
+
+    def decomposition_choice(self) -> str:
+        return self.cfg.get("decomposition", "svd")
 
     def shape_plan(self, model: nn.Module, family: FamilyAdapter, ratio: float):
         return self.plan(model, family, CompressionContext(ratio=ratio, device=torch.device("cpu")))
@@ -183,12 +198,15 @@ class FactorizedMethod(CompressionMethod):
         def compute() -> SharedDecomposition:
             S, shift = self.scaling(plan, family, ctx.stats or {}, device)
             weights = [family.weight(layers[i], plan.kind).detach().to(device) for i in plan.layers]
-            return decompose_shared(weights, S, shift, self.whitening_kind())
+            return decompose_shared(
+                weights, S, shift, self.whitening_kind(), self.decomposition_choice()
+            )
 
         run_key = ctx.stats_key
         if run_key is None or ctx.caches is None:
             return compute()
-        key = (run_key, self.name, self.cache_tag(), plan.kind, plan.layers)
+        tag = (*self.cache_tag(), self.decomposition_choice())
+        key = (run_key, self.name, tag, plan.kind, plan.layers)
         budget = self.cfg.get("decomposition_cache_mb", 0)
         return ctx.caches.decompositions.get(key, compute, budget).to(device)
 
