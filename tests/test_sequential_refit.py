@@ -212,7 +212,8 @@ def test_a_later_member_solves_the_least_squares_on_recomputed_activations(refit
     """
     dense, model, family, plans, originals, ctx = compressed("llama")
     before = copy.deepcopy(model)
-    refit_compensating(model, family, plans, originals, ctx, EPS, refit_basis=refit_basis)
+    before_refit = copy.deepcopy(model)
+    info = refit_compensating(model, family, plans, originals, ctx, EPS, refit_basis=refit_basis)
     target = 2 if refit_basis else 3
     with torch.no_grad():  # the oracle model: layers < target as refit, the rest as compressed
         for i in range(target):
@@ -234,6 +235,20 @@ def test_a_later_member_solves_the_least_squares_on_recomputed_activations(refit
         oracle = torch.linalg.lstsq(x_hat[name] @ basis, x[name] @ originals[(target, kind)])
         got = coefficient(model, family, target, kind)
         torch.testing.assert_close(got, oracle.solution, rtol=1e-7, atol=1e-8)
+        # The reported errors are the direct norms on these activations (its constant
+        # ||X W||^2 is summed from the dense projections' outputs, not from a Gram).
+        (member,) = [
+            m
+            for g in info["groups"]
+            if g["kind"] == kind
+            for m in g["members"]
+            if m["layer"] == target
+        ]
+        want = x[name] @ originals[(target, kind)]
+        old_c = coefficient(before_refit, family, target, kind)
+        for key, c in (("error_before", old_c), ("error_after", got)):
+            direct = float(torch.linalg.matrix_norm(x_hat[name] @ basis @ c - want))
+            assert member[key] == pytest.approx(direct, rel=1e-8), key
 
 
 def test_basis_refit_keeps_one_shared_tensor_and_lowers_the_group_error():

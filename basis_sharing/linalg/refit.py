@@ -21,7 +21,9 @@ also refits a group's shared basis by alternating least squares over its members
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -72,6 +74,48 @@ def refit_coefficients(
     return _solve_coefficients(b, mb, mb.T @ weights.to(F64), eps)
 
 
+@dataclass
+class CompensatedSystem:
+    """One member's compensated least squares in the basis' k dimensions (docs/methods.md §10.1).
+
+    ``lhs`` = B^T M^ B (k, k), ``rhs`` = B^T P W (k, d_out) and ``constant`` = tr(W^T M W) =
+    ||X W||_F^2: the solve and the error of any C need nothing else, so neither costs a
+    d_in x d_in x d_out product (building the system costs two d_in x d_in x k ones).
+    """
+
+    lhs: torch.Tensor
+    rhs: torch.Tensor
+    constant: float
+
+    @classmethod
+    def build(
+        cls,
+        basis: torch.Tensor,
+        gram_hat: torch.Tensor,
+        cross: torch.Tensor,
+        weights: torch.Tensor,
+        constant: float,
+    ) -> CompensatedSystem:
+        """From B (d_in, k), M^ = X^^T X^, P = X^^T X (d_in, d_in), W (d_in, d_out), ||X W||^2."""
+        b = basis.to(F64)
+        lhs = b.T @ (gram_hat.to(F64) @ b)
+        rhs = (cross.to(F64).T @ b).T @ weights.to(F64)  # (B^T P) W: k < d_out is the cheap order
+        return cls(lhs, rhs, float(constant))
+
+    def solve(self, eps: float = DEFAULT_EPS) -> torch.Tensor:
+        """C (k, d_out) = lhs^{-1} rhs by Cholesky (the §3.9 shift when lhs is singular)."""
+        return torch.cholesky_solve(self.rhs, spd_cholesky(self.lhs, eps))
+
+    def objective(self, coefficients: torch.Tensor) -> float:
+        """tr(C^T lhs C) - 2 tr(C^T rhs): the squared error less its constant (may be < 0)."""
+        c = coefficients.to(F64)
+        return float((c * (self.lhs @ c)).sum() - 2 * (c * self.rhs).sum())
+
+    def error(self, coefficients: torch.Tensor) -> float:
+        """||X^ B C - X W||_F = sqrt(objective + constant), clamped at 0 (roundoff)."""
+        return math.sqrt(max(self.objective(coefficients) + self.constant, 0.0))
+
+
 def compensated_coefficients(
     basis: torch.Tensor,
     gram_hat: torch.Tensor,
@@ -91,29 +135,13 @@ def compensated_coefficients(
     Returns:
         C (k, d_out).
     """
-    b = basis.to(F64)
-    rhs = b.T @ (cross.to(F64) @ weights.to(F64))
-    return _solve_coefficients(b, gram_hat.to(F64) @ b, rhs, eps)
+    return CompensatedSystem.build(basis, gram_hat, cross, weights, 0.0).solve(eps)
 
 
 def output_error(gram: torch.Tensor, weights: torch.Tensor, approx: torch.Tensor) -> float:
     """|| X (W - W') ||_F from the Gram alone: sqrt(tr((W - W')^T M (W - W')))."""
     delta = (weights - approx).to(F64)
     return float(torch.sqrt(torch.clamp((delta * (gram.to(F64) @ delta)).sum(), min=0)))
-
-
-def _compensated_terms(
-    gram_hat: torch.Tensor,
-    cross: torch.Tensor,
-    weights: torch.Tensor,
-    basis: torch.Tensor,
-    coefficients: torch.Tensor,
-) -> torch.Tensor:
-    """tr(C^T B^T M^ B C) - 2 tr(C^T B^T P W): ||X^ B C - X W||^2 less its constant tr(W^T M W)."""
-    approx = basis.to(F64) @ coefficients.to(F64)  # B C (d_in, d_out)
-    quadratic = (approx * (gram_hat.to(F64) @ approx)).sum()
-    linear = (approx * (cross.to(F64) @ weights.to(F64))).sum()
-    return quadratic - 2 * linear
 
 
 def compensated_error(
@@ -131,43 +159,27 @@ def compensated_error(
     clamped at 0 (roundoff can make the sum slightly negative when the fit is exact).
     """
     w = weights.to(F64)
-    constant = (w * (gram.to(F64) @ w)).sum()
-    total = _compensated_terms(gram_hat, cross, weights, basis, coefficients) + constant
-    return float(torch.sqrt(torch.clamp(total, min=0)))
+    constant = float((w * (gram.to(F64) @ w)).sum())
+    return CompensatedSystem.build(basis, gram_hat, cross, w, constant).error(coefficients)
 
 
-def _group_objective(
-    basis: torch.Tensor,
-    coefficients: Tensors,
-    grams_hat: Tensors,
-    crosses: Tensors,
-    weights: Tensors,
-) -> float:
-    """sum_j ||X^_j B C_j - X_j W_j||^2 less its constant sum_j tr(W_j^T M_j W_j)."""
-    return float(
-        sum(
-            _compensated_terms(m, p, w, basis, c)
-            for c, m, p, w in zip(coefficients, grams_hat, crosses, weights, strict=True)
-        )
-    )
+def _systems(basis: torch.Tensor, grams_hat: Tensors, crosses: Tensors, weights: Tensors):
+    return [
+        CompensatedSystem.build(basis, m, p, w, 0.0)
+        for m, p, w in zip(grams_hat, crosses, weights, strict=True)
+    ]
 
 
-def _coefficient_step(
-    basis: torch.Tensor,
-    coefficients: Tensors,
-    grams_hat: Tensors,
-    crosses: Tensors,
-    weights: Tensors,
-    eps: float,
-) -> list[torch.Tensor]:
-    """Each member's compensated C_j for ``basis``; a member keeps its old C_j if that is better
-    (only possible when the shifted fallback solved a singular system)."""
-    out = []
-    for c, m, p, w in zip(coefficients, grams_hat, crosses, weights, strict=True):
-        new = compensated_coefficients(basis, m, p, w, eps)
-        better = _compensated_terms(m, p, w, basis, new) <= _compensated_terms(m, p, w, basis, c)
-        out.append(new if better else c)
-    return out
+def _coefficient_step(systems: Sequence[CompensatedSystem], coefficients: Tensors, eps: float):
+    """Each member's compensated C_j; a member keeps its old C_j if that is better (only possible
+    when the shifted fallback solved a singular system). Returns (C_j list, objective)."""
+    out, total = [], 0.0
+    for system, c in zip(systems, coefficients, strict=True):
+        new = system.solve(eps)
+        new_value, old_value = system.objective(new), system.objective(c)
+        out.append(new if new_value <= old_value else c)
+        total += min(new_value, old_value)
+    return out, total
 
 
 def _basis_step(
@@ -248,10 +260,10 @@ def refit_shared_basis(
         [p.to(F64) for p in crosses],
         [w.to(F64) for w in weights],
     )
-    cs = _coefficient_step(b, [c.to(F64) for c in coefficients], *stats, eps)
-    history = [_group_objective(b, cs, *stats)]
+    cs, value = _coefficient_step(_systems(b, *stats), [c.to(F64) for c in coefficients], eps)
+    history = [value]
     for _ in range(iterations):
         b = _basis_step(b, cs, *stats, cg_steps)
-        cs = _coefficient_step(b, cs, *stats, eps)
-        history.append(_group_objective(b, cs, *stats))
+        cs, value = _coefficient_step(_systems(b, *stats), cs, eps)
+        history.append(value)
     return b, cs, history

@@ -37,8 +37,7 @@ from tqdm.auto import tqdm
 from basis_sharing.calibration.grams import GramAccumulator, collect_grams, hooked_kinds
 from basis_sharing.linalg.factorization import concat_weights
 from basis_sharing.linalg.refit import (
-    compensated_coefficients,
-    compensated_error,
+    CompensatedSystem,
     output_error,
     refit_coefficients,
     refit_shared_basis,
@@ -181,15 +180,15 @@ def refit_sequential(
 
 
 class CompensationStats:
-    """One input of one layer, batch by batch: M^ = X^^T X^, P = X^^T X and M = X^T X.
+    """One input of one layer, batch by batch: M^ = X^^T X^ and P = X^^T X.
 
     X^ are the inputs inside the compressed model, X those of the original model on the same
-    tokens (rows in the same order); all three in the run's Gram dtype.
+    tokens (rows in the same order); both in the run's Gram dtype. (M = X^T X is never needed:
+    the errors' constant ||X W||_F^2 is summed from the dense projections' outputs.)
     """
 
     def __init__(self, dtype: torch.dtype | str) -> None:
         self.hat = GramAccumulator(dtype)
-        self.original = GramAccumulator(dtype)
         self.cross: torch.Tensor | None = None  # (d_in, d_in)
 
     def add(self, x_hat: torch.Tensor, x: torch.Tensor) -> None:
@@ -197,18 +196,21 @@ class CompensationStats:
         if x_hat.shape != x.shape:
             raise ValueError(f"deviated inputs {tuple(x_hat.shape)} vs original {tuple(x.shape)}")
         self.hat.add(x_hat)
-        self.original.add(x)
         flat_hat = x_hat.detach().reshape(-1, x_hat.shape[-1]).to(self.hat.gram)
         flat = x.detach().reshape(-1, x.shape[-1]).to(self.hat.gram)
         if self.cross is None:
             self.cross = torch.zeros_like(self.hat.gram)
         self.cross.addmm_(flat_hat.T, flat)
 
-    def solved(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(M^, P, M) in float64 on ``device``, for the solves."""
+    def solved(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M^, P) in float64 on ``device``, for the solves."""
         if self.cross is None:
             raise RuntimeError("no activations were accumulated for this input")
-        return tuple(t.to(device, F64) for t in (self.hat.gram, self.cross, self.original.gram))
+        return self.hat.gram.to(device, F64), self.cross.to(device, F64)
+
+
+# One member's statistics: its input's (M^, P) and its ||X W||_F^2.
+Member = tuple[CompensationStats, float]
 
 
 def _call_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
@@ -281,18 +283,33 @@ def _layer_statistics(
     layer: nn.Module,
     dense: nn.Module,
     family: FamilyAdapter,
-    names: Sequence[str],
+    kinds: Sequence[str],
     deviated: list[torch.Tensor] | None,
     original: list[torch.Tensor],
     dtype: torch.dtype,
-) -> dict[str, CompensationStats]:
-    """Every input of ``names`` of layer ``index``, one run of both layers per batch.
+) -> tuple[dict[str, CompensationStats], dict[str, float]]:
+    """Every input of layer ``index``'s ``kinds``, one run of both layers per batch.
 
     Per batch the dense layer runs on the original hidden states (``original``, advanced in place
-    to its outputs), keeping that batch's X per input; then the compressed layer runs on the
-    deviated ones (``deviated``; None: the block's own inputs) and folds (X^, X) per input.
+    to its outputs), keeping that batch's X per input and summing ||X W||_F^2 per kind from its
+    projections' outputs; then the compressed layer runs on the deviated ones (``deviated``;
+    None: the block's own inputs) and folds (X^, X) per input. Returns (stats per input name,
+    ||X W||_F^2 per kind).
     """
+    names = list(dict.fromkeys(family.projection(k).input for k in kinds))
     stats = {name: CompensationStats(dtype) for name in names}
+    energy = dict.fromkeys(kinds, 0.0)
+
+    def output_energy(kind: str, linear: nn.Linear, y: torch.Tensor) -> None:
+        xw = y if linear.bias is None else y - linear.bias
+        energy[kind] += float(xw.detach().to(F64).pow(2).sum())
+
+    energy_hooks = [
+        family.module(dense, kind).register_forward_hook(
+            lambda m, _args, y, kind=kind: output_energy(kind, m, y)
+        )
+        for kind in kinds
+    ]
     store = block.session.runner.hidden_device
     seen: dict[str, torch.Tensor] = {}  # this batch's X per input, until X^ is folded with it
 
@@ -306,20 +323,24 @@ def _layer_statistics(
             raise RuntimeError(f"input {name} of layer {index} has no original counterpart")
         stats[name].add(x_hat, seen.pop(name))
 
-    with _input_hooks(dense, family, names, keep), _input_hooks(layer, family, names, fold):
-        for b, (hidden, calls) in enumerate(block.inputs()):
-            out = _call_layer(dense, original[b].to(block.device), calls[index])
-            original[b] = out.to(store)
-            hat = hidden if deviated is None else deviated[b].to(block.device)
-            _call_layer(layer, hat, calls[index])
-            if seen:
-                raise RuntimeError(f"inputs {sorted(seen)} of layer {index} were not read")
-    return stats
+    try:
+        with _input_hooks(dense, family, names, keep), _input_hooks(layer, family, names, fold):
+            for b, (hidden, calls) in enumerate(block.inputs()):
+                out = _call_layer(dense, original[b].to(block.device), calls[index])
+                original[b] = out.to(store)
+                hat = hidden if deviated is None else deviated[b].to(block.device)
+                _call_layer(layer, hat, calls[index])
+                if seen:
+                    raise RuntimeError(f"inputs {sorted(seen)} of layer {index} were not read")
+    finally:
+        for handle in energy_hooks:
+            handle.remove()
+    return stats, energy
 
 
 def _refit_member(
     module: nn.Module,
-    stats: CompensationStats,
+    member: Member,
     weights: torch.Tensor,
     device: torch.device,
     eps: float,
@@ -329,13 +350,12 @@ def _refit_member(
     The solve is exact unless B^T M^ B was singular and the shifted fallback solved it; a member
     whose error that would raise keeps its coefficients, so the refit never increases an error.
     """
-    gram_hat, cross, gram = stats.solved(device)
+    stats, energy = member
     basis = module.basis.weight.detach().T.to(device, F64)
     old = module.coefficient.weight.detach().T.to(device, F64, copy=True)
-    w = weights.to(device, F64)
-    new = compensated_coefficients(basis, gram_hat, cross, w, eps)
-    before = compensated_error(gram_hat, cross, gram, w, basis, old)
-    after = compensated_error(gram_hat, cross, gram, w, basis, new)
+    system = CompensatedSystem.build(basis, *stats.solved(device), weights.to(device), energy)
+    new = system.solve(eps)
+    before, after = system.error(old), system.error(new)
     if after > before:
         return before, before
     module.coefficient.weight.copy_(new.T)
@@ -346,7 +366,7 @@ def _refit_basis(
     model: nn.Module,
     modules: Sequence[nn.Module],
     plan: GroupPlan,
-    stats: Sequence[CompensationStats],
+    members: Sequence[Member],
     weights: Sequence[torch.Tensor],
     device: torch.device,
     eps: float,
@@ -359,7 +379,7 @@ def _refit_basis(
     registry = shared_bases(model)[plan.basis_key]
     if any(m.basis is not registry for m in modules):
         raise RuntimeError(f"group {plan.basis_key} does not use model.shared_bases as its basis")
-    solved = [s.solved(device) for s in stats]
+    solved = [stats.solved(device) for stats, _ in members]
     ws = [w.to(device, F64) for w in weights]
     basis = registry.weight.detach().T.to(device, F64, copy=True)
     coefficients = [m.coefficient.weight.detach().T.to(device, F64, copy=True) for m in modules]
@@ -376,7 +396,8 @@ def _refit_basis(
     for module, c in zip(modules, coefficients, strict=True):
         module.coefficient.weight.copy_(c.T)
     errors = [
-        compensated_error(*s, w, basis, c) for s, w, c in zip(solved, ws, coefficients, strict=True)
+        CompensatedSystem.build(basis, *s, w, energy).error(c)
+        for s, (_, energy), w, c in zip(solved, members, ws, coefficients, strict=True)
     ]
     return history, errors
 
@@ -416,18 +437,17 @@ def _refit_layer(
     original: list[torch.Tensor],
     ctx: CompressionContext,
     eps: float,
-) -> tuple[dict[str, tuple[float, float]], dict[str, CompensationStats]]:
+) -> tuple[dict[str, tuple[float, float]], dict[str, Member]]:
     """One statistics run of layer ``block.layers[position]``, then its ``kinds`` refit.
 
     Returns per kind (error before, error after) and the statistics it was refit on.
     """
     index, layer = block.layers[position], block.modules[position]
-    names = list(dict.fromkeys(family.projection(k).input for k in kinds))
     dense = original_layer(layer, family, index, kinds, originals)
-    stats = _layer_statistics(
-        block, index, layer, dense, family, names, deviated, original, ctx.gram_dtype
+    stats, energy = _layer_statistics(
+        block, index, layer, dense, family, kinds, deviated, original, ctx.gram_dtype
     )
-    members = {kind: stats[family.projection(kind).input] for kind in kinds}
+    members = {kind: (stats[family.projection(kind).input], energy[kind]) for kind in kinds}
     errors = {
         kind: _refit_member(
             family.module(layer, kind), members[kind], originals[(index, kind)], ctx.device, eps
@@ -466,7 +486,7 @@ def _refit_unit(
     plans = _unit_plans(block, family, by_member)
     als = [p for p in plans if refit_basis and p.shared]
     errors: dict[tuple[int, str], tuple[float, float]] = {}
-    kept: dict[tuple[int, str], CompensationStats] = {}  # the ALS groups' members
+    kept: dict[tuple[int, str], Member] = {}  # the ALS groups' members
     deviated: list[torch.Tensor] | None = None  # None: the block's own inputs
     for position, i in enumerate(block.layers):
         kinds = [k for k in family.kinds if (i, k) in by_member]
