@@ -24,6 +24,8 @@ from basis_sharing.threads import check_threads
 
 TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64")
 GRAM_DTYPES = ("float32", "float64")  # accumulation dtypes of the calibration Grams
+# calibration.forward_dtype below the model's: the pass runs under torch.autocast in it.
+AUTOCAST_DTYPES = ("bfloat16", "float16")
 
 
 @dataclass
@@ -72,9 +74,15 @@ class CalibrationConfig:
     seq_len: int = 2048
     seed: int = 2023
     gram_dtype: str = "float32"  # accumulation dtype of X^T X: float32 (paper) or float64
+    # dtype of the calibration forward pass: None (the model's, as the paper) or bfloat16 /
+    # float16 (torch.autocast: matmuls in that dtype, the Grams still accumulated in gram_dtype).
+    forward_dtype: str | None = None
 
     @staticmethod
     def check(node: DictConfig) -> None:
+        forward = node.get("forward_dtype")
+        if forward is not None and forward not in (*AUTOCAST_DTYPES, *TORCH_DTYPES):
+            raise unknown_choice("calibration.forward_dtype", forward, ["null", *TORCH_DTYPES])
         if node.gram_dtype not in GRAM_DTYPES:
             raise ConfigError(
                 f"calibration.gram_dtype={node.gram_dtype!r}: use float32 (the paper) or float64."
@@ -280,11 +288,30 @@ class Config:
             raise ConfigError(f"ratio_tolerance={cfg.ratio_tolerance} must be >= 0.")
         ModelConfig.check(cfg.model)
         CalibrationConfig.check(cfg.calibration)
+        forward_dtype(cfg)  # the calibration pass's dtype against the model's
         EvalConfig.check(cfg.eval)
         for group, options in OPTION_SCHEMAS.items():
             schema = options.get(cfg[group].name)
             if hasattr(schema, "check"):
                 schema.check(cfg[group])
+
+
+def forward_dtype(cfg: DictConfig) -> str | None:
+    """The autocast dtype of the calibration pass, or None when it runs in the model's dtype.
+
+    Raises:
+        ConfigError: a forward dtype above the model's (autocast only lowers precision).
+    """
+    forward, model = cfg.calibration.get("forward_dtype"), cfg.model.dtype
+    if forward is None or forward == model:
+        return None
+    if forward not in AUTOCAST_DTYPES:
+        raise ConfigError(
+            f"calibration.forward_dtype={forward} with model.dtype={model}: the pass can only run "
+            f"below the model's dtype ({', '.join(AUTOCAST_DTYPES)}); load the model in "
+            f"{forward} instead (model.dtype={forward})."
+        )
+    return forward
 
 
 def _at_least(low: int, values: dict[str, Any]) -> None:

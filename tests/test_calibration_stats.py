@@ -298,3 +298,55 @@ def test_non_finite_statistics_are_not_cached(tmp_path, caplog):
         _, hit = load_or_collect(tmp_path, "k1", collect)
     assert not hit and not stats_path(tmp_path, "k1").exists()
     assert any("non-finite" in r.getMessage() for r in caplog.records)
+
+
+def test_forward_dtype_below_the_model_s_only():
+    from conftest import compose_config
+
+    from basis_sharing.config import check_config, forward_dtype
+
+    assert forward_dtype(compose_config()) is None  # the model's dtype, as the paper
+    assert forward_dtype(compose_config("calibration.forward_dtype=float32")) is None
+    assert forward_dtype(compose_config("calibration.forward_dtype=bfloat16")) == "bfloat16"
+    with pytest.raises(ConfigError, match="Valid choices"):
+        check_config(compose_config("calibration.forward_dtype=int8"))
+    with pytest.raises(ConfigError, match="load the model in float32"):
+        check_config(compose_config("model.dtype=bfloat16", "calibration.forward_dtype=float32"))
+
+
+def test_grams_under_autocast_are_the_lower_precision_activations_accumulated_in_float32():
+    """Under bf16 autocast (calibration.forward_dtype) each Gram is exactly X^T X of the bf16
+    activations the projections read, accumulated in float32 (not in bf16)."""
+    from basis_sharing.calibration.grams import hooked_kinds
+
+    model = make_tiny_model("llama")
+    family = get_family("llama")
+    ids = _ids()
+    seen: dict[tuple[int, str], list[torch.Tensor]] = {}
+    handles = [
+        family.module(layer, kind).register_forward_hook(
+            lambda _m, args, _o, key=(i, name): seen.setdefault(key, []).append(args[0])
+        )
+        for i, layer in enumerate(family.layers(model))
+        for name, kind in hooked_kinds(family).items()
+    ]
+    with torch.autocast("cpu", torch.bfloat16):
+        stats = collect_grams(model, family, ids, 3)
+    for h in handles:
+        h.remove()
+    plain = collect_grams(model, family, ids, 3)
+    lowered = 0
+    for key, xs in seen.items():
+        assert stats.grams[key].dtype == torch.float32
+        oracle = torch.zeros_like(stats.grams[key])
+        for x in xs:
+            flat = x.reshape(-1, x.shape[-1]).float()
+            oracle.addmm_(flat.T, flat)
+        torch.testing.assert_close(stats.grams[key], oracle, rtol=1e-6, atol=1e-6)
+        low = any(x.dtype == torch.bfloat16 for x in xs)
+        lowered += int(low)
+        gap = torch.linalg.matrix_norm(stats.grams[key] - plain.grams[key])
+        assert gap < 0.05 * torch.linalg.matrix_norm(plain.grams[key])  # bf16 roundoff only
+        if low:
+            assert gap > 0
+    assert lowered > 0  # at least the attention output and MLP hidden inputs ran in bf16

@@ -353,7 +353,7 @@ def test_updates_run_end_to_end(tiny_model_dir, tiny_mirror, tmp_path):
         tiny_model_dir, tiny_mirror, tmp_path, "method=svd_llm,basis_sharing", "method.update=true"
     )
     modes = {r["method"]: r["method_info"]["update"]["mode"] for r in records}
-    assert modes == {"svd_llm": "sequential", "basis_sharing": "single_pass"}
+    assert modes == {"svd_llm": "layerwise", "basis_sharing": "one_pass"}
     for r in records:
         update = r["method_info"]["update"]
         assert update["error_after"] <= update["error_before"]
@@ -394,3 +394,50 @@ def test_save_then_evaluate_the_saved_model(tiny_model_dir, tiny_mirror, tmp_pat
     # A compressing method cannot be combined with load_model.
     proc = run_py(*common, "method=svd", f"load_model={directory}", f"hydra.run.dir={tmp_path}/x")
     assert_clean_failure(proc, "use method=none")
+
+
+def test_the_compensating_refit_and_its_options_run_end_to_end(
+    tiny_model_dir, tiny_mirror, tmp_path
+):
+    records = method_sweep(
+        tiny_model_dir,
+        tiny_mirror,
+        tmp_path,
+        "method=basis_sharing",
+        "method.update=sequential",
+        "method.refit_basis=false,true",
+        "method.refit_samples=4",
+    )
+    assert len(records) == 2
+    for r in records:
+        update = r["method_info"]["update"]
+        assert r["status"] == "completed" and update["mode"] == "sequential"
+        assert update["tokens"] == 4 * 32  # refit_samples of the 8 calibration blocks
+        assert update["error_after"] < update["error_before"]
+        assert r["config"]["method"]["update"] == "sequential"
+    with_als = [
+        g
+        for r in records
+        if r["config"]["method"]["refit_basis"]
+        for g in r["method_info"]["update"]["groups"]
+    ]
+    assert any("als_objective" in g for g in with_als)
+
+
+def test_a_lower_forward_dtype_is_a_different_calibration(tiny_model_dir, tiny_mirror, tmp_path):
+    """calibration.forward_dtype=bfloat16 runs the pass under autocast: its statistics have their
+    own cache key (never the float32 pass's), and the record says which dtype ran."""
+    records = method_sweep(
+        tiny_model_dir,
+        tiny_mirror,
+        tmp_path,
+        "method=svd_llm",
+        "calibration.forward_dtype=null,bfloat16",
+    )
+    by_dtype = {r["calibration"]["forward_dtype"]: r for r in records}
+    assert set(by_dtype) == {"float32", "bfloat16"}
+    assert all(not r["calibration"]["cache_hit"] for r in records)
+    keys = {r["calibration"]["stats_key"] for r in records}
+    assert len(keys) == 2
+    ppl = [r["metrics"]["perplexity"]["wikitext2"] for r in records]
+    assert ppl[0] != ppl[1] and ppl[0] == pytest.approx(ppl[1], rel=0.05)

@@ -288,7 +288,7 @@ def test_svd_llm_sequential_update_gives_the_same_perplexity(name, tmp_path):
     full, info_full = _compress_and_score(name, "svd_llm", False, tmp_path / "f", update=True)
     seq, info_seq = _compress_and_score(name, "svd_llm", True, tmp_path / "s", update=True)
     assert seq == pytest.approx(full, rel=1e-4)
-    assert info_seq["update"]["mode"] == "sequential"
+    assert info_seq["update"]["mode"] == "layerwise"
     for g_seq, g_full in zip(
         info_seq["update"]["groups"], info_full["update"]["groups"], strict=True
     ):

@@ -78,7 +78,7 @@ def test_basis_sharing_update_solves_the_deviated_least_squares(family_name):
         BasisSharing, BasisSharingMethodConfig, family_name, update=True
     )
     info = method_u.compress(updated, family, ctx_u)["update"]
-    assert info["mode"] == "single_pass" and info["error_after"] <= info["error_before"]
+    assert info["mode"] == "one_pass" and info["error_after"] <= info["error_before"]
     layers = family.layers(updated)
     for group in info["groups"]:
         assert group["error_after"] <= group["error_before"] * (1 + 1e-9) + 1e-12
@@ -101,7 +101,7 @@ def test_svd_llm_update_is_sequential():
     updated, _, method_u, ctx_u = setup(SVDLLM, WhitenedSVDMethodConfig, eps=7e-6, update=True)
     info = method_u.compress(updated, family, ctx_u)["update"]
     after = coefficients(updated, family)
-    assert info["mode"] == "sequential"
+    assert info["mode"] == "layerwise"
     assert len(info["groups"]) == 4 * len(family.kinds)
     for group in info["groups"]:
         assert group["error_after"] <= group["error_before"] * (1 + 1e-9) + 1e-12

@@ -203,8 +203,10 @@ def _feed(accumulators: list[Accumulator]):
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         # Linear and GPT-2 Conv1D both take the activation as their first argument.
         x = args[0] if args else next(iter(kwargs.values()))
-        for acc in accumulators:
-            acc.add(x)
+        # Under calibration.forward_dtype's autocast the accumulation stays in its own dtype.
+        with torch.autocast(x.device.type, enabled=False):
+            for acc in accumulators:
+                acc.add(x)
 
     return hook
 

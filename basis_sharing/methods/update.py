@@ -116,7 +116,7 @@ def refit_single_pass(
     for plan in tqdm(plans, desc="update: refit", unit="group", leave=False):
         gram = deviated.group_gram(plan.layers, family.projection(plan.kind).input)
         groups.append(refit_group(layers, family, plan, gram, originals, ctx.device, eps))
-    return _summary("single_pass", deviated.tokens, groups)
+    return _summary("one_pass", deviated.tokens, groups)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -173,7 +173,7 @@ def refit_sequential(
                     )
             # leaving the block: the runner propagates the refit layer's outputs
     tokens = int(ctx.calibration_ids.numel())
-    return _summary("sequential", tokens, groups)
+    return _summary("layerwise", tokens, groups)
 
 
 # ---------------------------------------------------------------- error-compensating refit

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 
 from basis_sharing.calibration.cache import stats_key
 from basis_sharing.calibration.statistics import collect_statistics
+from basis_sharing.config import forward_dtype
 from basis_sharing.runtime import make_runner
 from basis_sharing.stages.state import RunState
 
@@ -24,6 +26,9 @@ def calibrate(state: RunState) -> None:
     cfg, record = state.cfg, state.record
     gram_dtype = cfg.calibration.gram_dtype
     identity = model_identity(record["model"])
+    autocast = forward_dtype(cfg)
+    if autocast is not None:  # other statistics: part of every key (and of the sweep's reuse)
+        identity["calibration_forward_dtype"] = autocast
     cache_dir = Path(cfg.paths.cache_dir).expanduser()
     calibration_hash = record["hashes"]["calibration"]
     needed = state.plan.method.stats_needed
@@ -31,20 +36,23 @@ def calibrate(state: RunState) -> None:
     summary: dict[str, Any] = {
         "gram_dtype": gram_dtype,
         "tokens": int(state.calibration_ids.numel()),
+        "forward_dtype": autocast or cfg.model.dtype,
     }
-    collected = collect_statistics(
-        sorted(needed),
-        state.model,
-        state.family,
-        state.calibration_ids,
-        cfg.model.calib_batch_size,
-        gram_dtype,
-        identity,
-        calibration_hash,
-        cache_dir,
-        meta,
-        runner=make_runner(cfg.runtime, state.model, state.family, state.plan.device),
-    )
+    device = state.plan.device
+    with torch.autocast(device.type, getattr(torch, autocast or "float32"), autocast is not None):
+        collected = collect_statistics(
+            sorted(needed),
+            state.model,
+            state.family,
+            state.calibration_ids,
+            cfg.model.calib_batch_size,
+            gram_dtype,
+            identity,
+            calibration_hash,
+            cache_dir,
+            meta,
+            runner=make_runner(cfg.runtime, state.model, state.family, state.plan.device),
+        )
     state.stats = {name: c.value for name, c in collected.items()}
     for name, c in collected.items():
         summary[name] = {"stats_key": c.key, "cache_hit": c.cache_hit}
