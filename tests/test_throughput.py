@@ -174,3 +174,41 @@ def test_speedups_are_compressed_over_dense():
         "weights_mb": 6.0,
     }
     assert speedups(dense, comp) == {"forward": 1.5, "generation": 1.2, "weights_mb": 0.75}
+
+
+@pytest.mark.slow
+def test_compiled_decoding_of_a_compressed_model_gives_the_eager_tokens(monkeypatch):
+    """eval.throughput.compile: a static KV cache and transformers' compiled decoding step on a
+    model with a shared basis; greedy tokens equal the eager ones, the warm-up (compilation)
+    decodes the full length and the result says it was compiled."""
+    from omegaconf import OmegaConf
+
+    from basis_sharing.calibration.grams import collect_grams
+    from basis_sharing.methods.basis_sharing import BasisSharing, BasisSharingMethodConfig
+    from basis_sharing.methods.registry import CompressionContext
+    from basis_sharing.models.families import family_for_model_type
+
+    model = make_tiny_model("llama", seed=1)
+    family = family_for_model_type(model.config.model_type)
+    ids = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    ctx = CompressionContext(
+        ratio=0.4, device=torch.device("cpu"), stats={"gram": collect_grams(model, family, ids, 2)}
+    )
+    cfg = OmegaConf.merge(OmegaConf.structured(BasisSharingMethodConfig), {"name": "basis_sharing"})
+    BasisSharing(cfg).compress(model, family, ctx)
+    assert shared_bases(model)
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    with torch.inference_mode():
+        eager = greedy_generate(model.eval(), prompt, 10)
+        compiled = greedy_generate(model, prompt, 10, compile=True)
+    assert torch.equal(compiled, eager)
+    calls = []
+    original = throughput.greedy_generate
+
+    def spy(m, p, new_tokens, **kw):
+        calls.append((new_tokens, kw.get("compile")))
+        return original(m, p, new_tokens, **kw)
+
+    monkeypatch.setattr(throughput, "greedy_generate", spy)
+    result = generation_throughput(model, prompt[0], new_tokens=10, runs=2, compile=True)
+    assert calls == [(10, True)] * 3 and result.compiled

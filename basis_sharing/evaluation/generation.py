@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import CompileConfig
 
 
 def pad_token_id(model: nn.Module) -> int | None:
@@ -16,13 +17,35 @@ def pad_token_id(model: nn.Module) -> int | None:
     return config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
 
 
+def compile_config(device: torch.device) -> CompileConfig:
+    """How ``generate`` compiles its decoding step: CUDA graphs on a GPU ("reduce-overhead"),
+    inductor's default elsewhere (transformers compiles only on accelerators unless told to)."""
+    config = CompileConfig(mode="reduce-overhead" if device.type == "cuda" else "default")
+    if device.type != "cuda":
+        config._compile_all_devices = True  # transformers' documented switch for other devices
+    return config
+
+
 def greedy_generate(
-    model: nn.Module, prompt: torch.Tensor, new_tokens: int, *, exact: bool = True
+    model: nn.Module,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    *,
+    exact: bool = True,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Greedy tokens after ``prompt`` (1, p), with the KV cache.
 
     ``exact``: always ``new_tokens`` of them (speed measurement); otherwise stop at end-of-sequence.
+    ``compile``: a static KV cache and transformers' compiled decoding step (``compile_config``;
+    the first call compiles, later calls of the same lengths reuse it).
     """
+    options = {}
+    if compile:
+        options = {
+            "cache_implementation": "static",
+            "compile_config": compile_config(prompt.device),
+        }
     return model.generate(
         input_ids=prompt,
         attention_mask=torch.ones_like(prompt),
@@ -32,6 +55,7 @@ def greedy_generate(
         num_beams=1,
         use_cache=True,
         pad_token_id=pad_token_id(model),
+        **options,
     )
 
 

@@ -144,15 +144,24 @@ class GenerationThroughput:
     new_tokens: int
     runs: int
     run_s: list[float]
+    compiled: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def generation_throughput(
-    model: nn.Module, prompt: torch.Tensor, new_tokens: int = 128, runs: int = 3
+    model: nn.Module,
+    prompt: torch.Tensor,
+    new_tokens: int = 128,
+    runs: int = 3,
+    compile: bool = False,
 ) -> GenerationThroughput:
-    """New tokens per second of greedy batch-1 decoding (median of ``runs`` after one warm-up)."""
+    """New tokens per second of greedy batch-1 decoding (median of ``runs`` after one warm-up).
+
+    ``compile``: static KV cache and a compiled decoding step (CUDA graphs on a GPU); the warm-up
+    then decodes the full ``new_tokens``, so the timed runs reuse the compiled graphs.
+    """
     if runs < 1 or new_tokens < 1:
         raise ConfigError("generation throughput needs runs >= 1 and new_tokens >= 1.")
     device = model_device(model)
@@ -161,9 +170,10 @@ def generation_throughput(
     model.eval()
     try:
         with torch.inference_mode():
-            greedy_generate(model, prompt, min(new_tokens, 8))  # warm-up
+            warm = new_tokens if compile else min(new_tokens, 8)
+            greedy_generate(model, prompt, warm, compile=compile)  # warm-up (and compilation)
             times = [
-                _timed(lambda: greedy_generate(model, prompt, new_tokens), device)
+                _timed(lambda: greedy_generate(model, prompt, new_tokens, compile=compile), device)
                 for _ in tqdm(range(runs), desc="generation throughput", leave=False)
             ]
     finally:
@@ -176,6 +186,7 @@ def generation_throughput(
         new_tokens=new_tokens,
         runs=runs,
         run_s=times,
+        compiled=compile,
     )
 
 
@@ -233,7 +244,7 @@ def measure_speed(
         "forward": forward_throughput(
             model, blocks, batch_size, warmup=warmup, max_batches=max_batches, compile=compile
         ).as_dict(),
-        "generation": generation_throughput(model, prompt, new_tokens, runs).as_dict(),
+        "generation": generation_throughput(model, prompt, new_tokens, runs, compile).as_dict(),
         "weights_mb": round(weight_bytes(model) / 2**20, 1),
         "device": str(device),
     }
