@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -205,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "ratio": args.ratio,
+        "load_average_at_start": list(os.getloadavg()),  # other jobs on the machine
         "shapes": {},
     }
     for shape in args.shape:
@@ -222,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{result['auto_s']:.2f} s ({result['speedup_auto']:.2f}x); max rel diff sigma_k "
             f"{result['sigma_max_rel_diff']:.1e}, B C {result['weights_max_rel_diff']:.1e}"
         )
+    report["load_average_at_end"] = list(os.getloadavg())
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

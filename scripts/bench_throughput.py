@@ -52,6 +52,7 @@ from basis_sharing.evaluation.params import (  # noqa: E402
 )
 from basis_sharing.evaluation.throughput import (  # noqa: E402
     default_batch_size,
+    generation_throughput,
     measure_speed,
     rank_above_break_even,
     speedups,
@@ -118,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile each model first")
+    parser.add_argument(
+        "--compile-generation",
+        action="store_true",
+        help="also time batch-1 generation with a static cache and a compiled decoding step",
+    )
     parser.add_argument("--layers", type=int, default=32, help="llama7b-random: decoder layers")
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--calib-len", type=int, default=256)
@@ -168,8 +174,17 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "blocks": list(blocks.shape),
     }
+
+    def measure(model) -> dict[str, Any]:
+        result = measure_speed(model, blocks, prompt, **speed)
+        if args.compile_generation:  # the same model, decoding compiled (eager timed above)
+            result["generation_compiled"] = generation_throughput(
+                model, prompt, args.new_tokens, args.runs, compile=True
+            ).as_dict()
+        return result
+
     log.info("dense: measuring")
-    report["dense"] = measure_speed(model, blocks, prompt, **speed)
+    report["dense"] = measure(model)
     calib = None
     if args.factors == "svd":
         source = (
@@ -194,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             random_factors(model, family, ratio, device)
         achieved = 1 - count_projection_weights(model, family) / dense
         log.info("ratio %.2f (achieved %.4f): measuring", ratio, achieved)
-        result = measure_speed(model, blocks, prompt, **speed)
+        result = measure(model)
         runs.append(
             {
                 "ratio": ratio,
@@ -202,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 "above_break_even": len(rank_above_break_even(model)),
                 **result,
                 "speedup": speedups(report["dense"], result),
+                **compiled_speedups(report["dense"], result),
             }
         )
     report["compressed"] = runs
@@ -209,6 +225,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0
+
+
+def compiled_speedups(dense: dict[str, Any], compressed: dict[str, Any]) -> dict[str, Any]:
+    """Compiled generation tokens/s: compressed over compiled dense, and over eager dense."""
+    if "generation_compiled" not in compressed:
+        return {}
+    tokens = compressed["generation_compiled"]["tokens_per_s"]
+    return {
+        "speedup_generation_compiled": {
+            "vs_dense_compiled": tokens / dense["generation_compiled"]["tokens_per_s"],
+            "vs_dense_eager": tokens / dense["generation"]["tokens_per_s"],
+            "vs_itself_eager": tokens / compressed["generation"]["tokens_per_s"],
+        }
+    }
 
 
 def render(report: dict[str, Any]) -> str:
@@ -228,6 +258,17 @@ def render(report: dict[str, Any]) -> str:
             f"{run['speedup']['forward']:>9.3f}{run['generation']['tokens_per_s']:>11.2f}"
             f"{run['speedup']['generation']:>9.3f}{run['weights_mb']:>12.1f}"
         )
+    if "generation_compiled" in dense:
+        lines.append(
+            f"compiled decoding: dense {dense['generation_compiled']['tokens_per_s']:.2f} tok/s"
+        )
+        for run in report["compressed"]:
+            ratio = run["speedup_generation_compiled"]
+            lines.append(
+                f"  BS {run['ratio']:.0%}: {run['generation_compiled']['tokens_per_s']:.2f} tok/s, "
+                f"{ratio['vs_dense_compiled']:.3f}x compiled dense, "
+                f"{ratio['vs_dense_eager']:.3f}x eager dense"
+            )
     return "\n".join(lines)
 
 
