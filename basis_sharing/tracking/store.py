@@ -45,6 +45,9 @@ BASE_COLUMNS = [
     "whitening",
     "allocation",
     "sharing",
+    "refit_basis",
+    "refit_samples",
+    "decomposition",
     "kinds",
     "sparsity",
     "u_update",
@@ -185,6 +188,10 @@ def record_row(record: dict[str, Any]) -> dict[str, Any]:
         "whitening": method_cfg.get("whitening", "cholesky" if "eps" in method_cfg else None),
         "allocation": _allocation(method_cfg),
         "sharing": "auto" if method_cfg.get("shared") == "auto" else "default",
+        # update=sequential's options (docs/methods.md §10.1); records before them: False / None.
+        "refit_basis": bool(method_cfg.get("refit_basis", False)),
+        "refit_samples": method_cfg.get("refit_samples"),
+        "decomposition": method_cfg.get("decomposition", "svd" if "eps" in method_cfg else None),
         # Methods compressing some kinds only (method.kinds, FiPS): which, and the ratio over them.
         "kinds": "/".join(kinds) if (kinds := method_cfg.get("kinds")) else "all",
         "sparsity": method_cfg.get("sparsity"),
