@@ -197,3 +197,20 @@ def test_table_smollm_reproduces_the_committed_records_settings():
         # Evaluation beyond perplexity is off, as it was when the records were made.
         assert mine["eval"]["zeroshot"]["tasks"] == []
         assert mine["eval"]["throughput"]["enabled"] is False
+
+
+def test_basis_sharing_plus_is_what_its_table_row_selects():
+    """conf/method/basis_sharing_plus.yaml and tables.specs.PLUS_OPTIONS cannot drift apart: the
+    results store reads the preset's records with exactly the row's filters."""
+    from conftest import compose_config
+    from omegaconf import OmegaConf
+
+    from basis_sharing.tables.specs import PLUS_OPTIONS
+    from basis_sharing.tracking.store import record_row
+
+    cfg = compose_config("method=basis_sharing_plus")
+    assert cfg.method.name == "basis_sharing"
+    config = OmegaConf.to_container(cfg, resolve=True)
+    row = record_row({"method": "basis_sharing", "config": config})
+    assert {key: row[key] for key in PLUS_OPTIONS} == PLUS_OPTIONS
+    assert row["group_size"] == 2
