@@ -168,7 +168,9 @@ def test_full_rank_refit_reproduces_the_dense_model(family_name):
     with torch.no_grad():
         want = dense(input_ids=ids, use_cache=False).logits
         got = model(input_ids=ids, use_cache=False).logits
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+    # float64 roundoff through the full-rank k x k solves, whose Grams (a tiny random model's
+    # 256 tokens) are ill-conditioned: 1.7e-8 of the largest logit measured on qwen2, 0 on llama.
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-7 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("family_name", ["llama", "opt"])
@@ -203,12 +205,16 @@ def test_a_singular_system_never_raises_a_member_error():
 
 @pytest.mark.parametrize("refit_basis", [False, True])
 def test_a_later_member_solves_the_least_squares_on_recomputed_activations(refit_basis):
-    """X^ of layer i comes from the model with layers < i refit (their bases too, when refit) and
-    layer i as compressed; X from the dense model. Recomputed here with hooks on full forwards.
+    """X^ of input I of layer i comes from the model with layers < i refit (their bases too, when
+    refit) and, in layer i, the kinds reading earlier inputs refit (data-flow order: o sees the
+    refit q/k/v, down the refit up/gate), the rest as compressed; X from the dense model.
+    Recomputed here with hooks on full forwards.
 
-    Without a basis refit layer 3 is checked (the second layer of its unit: the states inside a
-    unit); with one, layer 2's private kinds (the first layer after a unit whose shared bases
-    moved: the unit's outputs must be those of its final weights).
+    Without a basis refit every kind of layer 3 is checked (the second layer of its unit: the
+    states inside a unit). With one, layer 2's private attention-input kinds (k, v): the first
+    layer after a unit whose shared bases moved, so its inputs must come from that unit's final
+    weights (its later inputs depend on layer 2's own shared q, whose pre-ALS coefficients the
+    final model no longer holds).
     """
     dense, model, family, plans, originals, ctx = compressed("llama")
     before = copy.deepcopy(model)
@@ -224,31 +230,42 @@ def test_a_later_member_solves_the_least_squares_on_recomputed_activations(refit
                 key = plan.basis_key
                 before.shared_bases[key].weight.copy_(model.shared_bases[key].weight)
     ids = ctx.calibration_ids
-    x_hat = layer_inputs(before, family, target, ids)
     x = layer_inputs(dense, family, target, ids)
-    by_kind = {p.kind: p for p in plans if target in p.layers}
-    kinds = [k for k in family.kinds if not (refit_basis and by_kind[k].shared)]
-    assert "o" in kinds and "down" in kinds
-    for kind in kinds:
-        name = family.projection(kind).input
-        basis = family.module(family.layers(before)[target], kind).basis.weight.detach().T
-        oracle = torch.linalg.lstsq(x_hat[name] @ basis, x[name] @ originals[(target, kind)])
-        got = coefficient(model, family, target, kind)
-        torch.testing.assert_close(got, oracle.solution, rtol=1e-7, atol=1e-8)
-        # The reported errors are the direct norms on these activations (its constant
-        # ||X W||^2 is summed from the dense projections' outputs, not from a Gram).
-        (member,) = [
-            m
-            for g in info["groups"]
-            if g["kind"] == kind
-            for m in g["members"]
-            if m["layer"] == target
-        ]
-        want = x[name] @ originals[(target, kind)]
-        old_c = coefficient(before_refit, family, target, kind)
-        for key, c in (("error_before", old_c), ("error_after", got)):
-            direct = float(torch.linalg.matrix_norm(x_hat[name] @ basis @ c - want))
-            assert member[key] == pytest.approx(direct, rel=1e-8), key
+    stages = list(family.kinds_by_input().items())
+    if refit_basis:
+        stages = stages[:1]
+        assert all(k in ("q", "k", "v") for k in stages[0][1])
+    checked = []
+    for name, readers in stages:
+        x_hat = layer_inputs(before, family, target, ids)
+        for kind in readers:
+            plan = next(p for p in plans if target in p.layers and p.kind == kind)
+            if refit_basis and plan.shared:
+                continue
+            checked.append(kind)
+            basis = family.module(family.layers(before)[target], kind).basis.weight.detach().T
+            want = x[name] @ originals[(target, kind)]
+            oracle = torch.linalg.lstsq(x_hat[name] @ basis, want)
+            got = coefficient(model, family, target, kind)
+            torch.testing.assert_close(got, oracle.solution, rtol=1e-7, atol=1e-8)
+            # The reported errors are the direct norms on these activations.
+            (member,) = [
+                m
+                for g in info["groups"]
+                if g["kind"] == kind
+                for m in g["members"]
+                if m["layer"] == target
+            ]
+            old_c = coefficient(before_refit, family, target, kind)
+            for key, c in (("error_before", old_c), ("error_after", got)):
+                direct = float(torch.linalg.matrix_norm(x_hat[name] @ basis @ c - want))
+                assert member[key] == pytest.approx(direct, rel=1e-8), key
+        with torch.no_grad():  # the next input sees this one's kinds refit
+            for kind in readers:
+                coefficient(before, family, target, kind).copy_(
+                    coefficient(model, family, target, kind)
+                )
+    assert checked == (["k", "v"] if refit_basis else list(family.kinds))
 
 
 def test_basis_refit_keeps_one_shared_tensor_and_lowers_the_group_error():

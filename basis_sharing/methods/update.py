@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -219,26 +218,44 @@ def _call_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torc
     return out[0] if isinstance(out, tuple) else out
 
 
-@contextmanager
-def _input_hooks(
+class _Captured(Exception):
+    """Raised by a capture hook to end a layer call once its input was read."""
+
+
+def _capture(
     layer: nn.Module,
     family: FamilyAdapter,
-    names: Sequence[str],
-    fold: Callable[[str, torch.Tensor], None],
-) -> Iterator[None]:
-    """``fold(input name, activations)`` on every call of one projection per input of ``names``."""
-    hooked = hooked_kinds(family)
-    handles = [
-        family.module(layer, hooked[name]).register_forward_hook(
-            lambda _m, args, _o, name=name: fold(name, args[0])
-        )
-        for name in names
-    ]
+    name: str,
+    hidden: torch.Tensor,
+    call: LayerCall,
+    stop: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input ``name`` of ``layer`` on this batch, the layer's output or None).
+
+    ``stop``: the call ends at the projection reading ``name`` (nothing after it is computed);
+    else the layer runs to its end and its output is returned too.
+    """
+    seen: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        if seen:
+            raise RuntimeError(f"input {name} was read twice in one call")
+        seen.append(args[0].detach())
+        if stop:
+            raise _Captured
+
+    module = family.module(layer, hooked_kinds(family)[name])
+    handle = module.register_forward_pre_hook(hook)
+    out = None
     try:
-        yield
+        out = _call_layer(layer, hidden, call)
+    except _Captured:
+        pass
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
+    if not seen:
+        raise RuntimeError(f"input {name} of the layer was not read")
+    return seen[0], out
 
 
 def _dense_linear(weights: torch.Tensor, module: nn.Module) -> nn.Linear:
@@ -275,67 +292,6 @@ def original_layer(
     for kind, module in compressed.items():
         family.set_module(dense, kind, _dense_linear(originals[(index, kind)], module))
     return dense
-
-
-def _layer_statistics(
-    block: Block,
-    index: int,
-    layer: nn.Module,
-    dense: nn.Module,
-    family: FamilyAdapter,
-    kinds: Sequence[str],
-    deviated: list[torch.Tensor] | None,
-    original: list[torch.Tensor],
-    dtype: torch.dtype,
-) -> tuple[dict[str, CompensationStats], dict[str, float]]:
-    """Every input of layer ``index``'s ``kinds``, one run of both layers per batch.
-
-    Per batch the dense layer runs on the original hidden states (``original``, advanced in place
-    to its outputs), keeping that batch's X per input and summing ||X W||_F^2 per kind from its
-    projections' outputs; then the compressed layer runs on the deviated ones (``deviated``;
-    None: the block's own inputs) and folds (X^, X) per input. Returns (stats per input name,
-    ||X W||_F^2 per kind).
-    """
-    names = list(dict.fromkeys(family.projection(k).input for k in kinds))
-    stats = {name: CompensationStats(dtype) for name in names}
-    energy = dict.fromkeys(kinds, 0.0)
-
-    def output_energy(kind: str, linear: nn.Linear, y: torch.Tensor) -> None:
-        xw = y if linear.bias is None else y - linear.bias
-        energy[kind] += float(xw.detach().to(F64).pow(2).sum())
-
-    energy_hooks = [
-        family.module(dense, kind).register_forward_hook(
-            lambda m, _args, y, kind=kind: output_energy(kind, m, y)
-        )
-        for kind in kinds
-    ]
-    store = block.session.runner.hidden_device
-    seen: dict[str, torch.Tensor] = {}  # this batch's X per input, until X^ is folded with it
-
-    def keep(name: str, x: torch.Tensor) -> None:
-        if name in seen:
-            raise RuntimeError(f"input {name} of layer {index} was read twice in one call")
-        seen[name] = x
-
-    def fold(name: str, x_hat: torch.Tensor) -> None:
-        if name not in seen:
-            raise RuntimeError(f"input {name} of layer {index} has no original counterpart")
-        stats[name].add(x_hat, seen.pop(name))
-
-    try:
-        with _input_hooks(dense, family, names, keep), _input_hooks(layer, family, names, fold):
-            for b, (hidden, calls) in enumerate(block.inputs()):
-                out = _call_layer(dense, original[b].to(block.device), calls[index])
-                original[b] = out.to(store)
-                hat = hidden if deviated is None else deviated[b].to(block.device)
-                _call_layer(layer, hat, calls[index])
-                if seen:
-                    raise RuntimeError(f"inputs {sorted(seen)} of layer {index} were not read")
-    finally:
-        for handle in energy_hooks:
-            handle.remove()
-    return stats, energy
 
 
 def _refit_member(
@@ -427,6 +383,12 @@ def _advance(
     return outputs
 
 
+def _output_energy(x: torch.Tensor, weights: torch.Tensor) -> float:
+    """||X W||_F^2 of one batch, X (..., d_in) and W (d_in, d_out), in float64."""
+    flat = x.reshape(-1, x.shape[-1])
+    return float((flat @ weights.to(flat)).to(F64).pow(2).sum())
+
+
 def _refit_layer(
     block: Block,
     position: int,
@@ -438,22 +400,48 @@ def _refit_layer(
     ctx: CompressionContext,
     eps: float,
 ) -> tuple[dict[str, tuple[float, float]], dict[str, Member]]:
-    """One statistics run of layer ``block.layers[position]``, then its ``kinds`` refit.
+    """Refit layer ``block.layers[position]``'s ``kinds``, input by input in data-flow order.
+
+    For each input (attention input, attention output, MLP input, MLP hidden: the family's
+    order), every batch runs the dense layer on the original hidden states and the compressed
+    layer on the deviated ones (``deviated``; None: the block's own inputs) up to the projection
+    reading it, folding (X^, X) and ||X W_j||^2; then that input's kinds are refit. So o is
+    refit on the outputs of the refit q/k/v and down on those of the refit up/gate, and no error
+    is compensated twice. The last input's dense run goes to the end of the layer and advances
+    ``original`` in place to the dense layer's outputs.
 
     Returns per kind (error before, error after) and the statistics it was refit on.
     """
     index, layer = block.layers[position], block.modules[position]
     dense = original_layer(layer, family, index, kinds, originals)
-    stats, energy = _layer_statistics(
-        block, index, layer, dense, family, kinds, deviated, original, ctx.gram_dtype
-    )
-    members = {kind: (stats[family.projection(kind).input], energy[kind]) for kind in kinds}
-    errors = {
-        kind: _refit_member(
-            family.module(layer, kind), members[kind], originals[(index, kind)], ctx.device, eps
-        )
-        for kind in kinds
-    }
+    stages = [
+        (name, [k for k in readers if k in kinds])
+        for name, readers in family.kinds_by_input().items()
+        if any(k in kinds for k in readers)
+    ]
+    errors: dict[str, tuple[float, float]] = {}
+    members: dict[str, Member] = {}
+    store = block.session.runner.hidden_device
+    for stage, (name, readers) in enumerate(stages):
+        last = stage == len(stages) - 1
+        stats = CompensationStats(ctx.gram_dtype)
+        energy = dict.fromkeys(readers, 0.0)
+        for b, (hidden, calls) in enumerate(block.inputs()):
+            x, out = _capture(
+                dense, family, name, original[b].to(block.device), calls[index], stop=not last
+            )
+            if last:
+                original[b] = out.to(store)
+            for kind in readers:
+                energy[kind] += _output_energy(x, originals[(index, kind)])
+            hat = hidden if deviated is None else deviated[b].to(block.device)
+            x_hat, _ = _capture(layer, family, name, hat, calls[index], stop=True)
+            stats.add(x_hat, x)
+        for kind in readers:
+            members[kind] = (stats, energy[kind])
+            errors[kind] = _refit_member(
+                family.module(layer, kind), members[kind], originals[(index, kind)], ctx.device, eps
+            )
     return errors, members
 
 
