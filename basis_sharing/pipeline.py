@@ -160,7 +160,7 @@ def run_worker(
     run_stages(state, workers.stages)
     record.finish()
     log.info(
-        "%s: calibration statistics reduced; rank 0 compresses, evaluates and writes the record.",
+        "%s: calibration done; rank 0 compresses, evaluates and writes the record.",
         world.describe(),
     )
     return record.data
