@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from basis_sharing.calibration import collect_forward, collect_statistics
 from basis_sharing.calibration.grams import GRAM
 from basis_sharing.calibration.statistics import ForwardStatistic, check_data_parallel
-from basis_sharing.errors import ConfigError
+from basis_sharing.errors import CalibrationError, ConfigError
 from basis_sharing.methods import METHODS
 from basis_sharing.methods.registry import CompressionContext
 from basis_sharing.models.families import get_family
@@ -124,12 +124,21 @@ def _calibrate_on_ranks(rank: int, size: int, port: int, out: str) -> None:
         again = collect_statistics(
             ["gram"], model, family, ids, BATCH, "float64", IDENT, CALIB, cache, world=world
         )["gram"]
+        try:  # each rank claims other calibration ids: refused on both, nothing computed
+            other = str(rank) * 64
+            collect_statistics(
+                ["gram"], model, family, ids, BATCH, "float64", IDENT, other, cache, world=world
+            )
+            mismatch = None
+        except CalibrationError as exc:
+            mismatch = str(exc)
         result = {
             "stats": {name: c.value for name, c in collected.items()},
             "hits": {name: c.cache_hit for name, c in collected.items()},
             "sequential": sequential,
             "again": (again.cache_hit, again.value is None),
             "cache_files": sorted(p.name for p in cache.glob("stats/*.safetensors")),
+            "mismatch": mismatch,
         }
         if world.is_main:
             result["compressed"] = _compress(result["stats"], ids)
@@ -206,6 +215,13 @@ def test_only_rank_0_reads_and_writes_the_cache(two_ranks):
     assert other["again"] == (True, True)
 
 
+def test_ranks_with_different_calibration_ids_are_all_refused(two_ranks):
+    for result in two_ranks:
+        assert result["mismatch"].startswith("rank(s) [1] sampled other calibration token ids")
+        assert "every process must read the same data mirror" in result["mismatch"]
+    assert len(two_ranks[0]["cache_files"]) == len(STATS)  # nothing more was cached
+
+
 # ---------------------------------------------------------------- the pipeline on 2 ranks
 
 
@@ -240,7 +256,10 @@ def _pipeline_on_ranks(rank: int, size: int, port: int, overrides: list[str], ou
         cfg = compose_config(*overrides)
         first = pipeline.run(cfg, out_dir=Path(out) / f"rank{rank}")
         second = pipeline.run(cfg, out_dir=Path(out) / f"rank{rank}")  # rank 0 resumes it
-        (Path(out) / f"returned{rank}.json").write_text(json.dumps([first, second], default=str))
+        dense = compose_config(*overrides, "method=dense")  # no calibration: rank 0 alone
+        third = pipeline.run(dense, out_dir=Path(out) / f"dense{rank}")
+        returned = [first, second, third]
+        (Path(out) / f"returned{rank}.json").write_text(json.dumps(returned, default=str))
     finally:
         distributed.shutdown()
 
@@ -255,13 +274,15 @@ def test_the_pipeline_on_two_ranks_matches_one_process(tiny_model_dir, tiny_mirr
     assert calibration["cache_hit"] is False and calibration["tokens"] == 6 * 32
     assert not (tmp_path / "rank1").exists()  # rank 1 wrote nothing at all
     assert len(list((tmp_path / "cache" / "stats").glob("*.safetensors"))) == 1
-    (first0, second0), (first1, second1) = (
+    (first0, second0, dense0), (first1, second1, dense1) = (
         json.loads((tmp_path / f"returned{r}.json").read_text()) for r in range(2)
     )
     assert second0["started_at"] == first0["started_at"]  # the rerun was resumed ...
     assert second1 == {}  # ... and rank 1 was told so, instead of waiting for a calibration
     assert list(first1["stages"]) == ["data", "model_source", "tokenize", "load_model", "calibrate"]
     assert first1["calibration"]["world_size"] == 2
+    assert dense0["status"] == "completed" and dense0["metrics"]["perplexity"]["wikitext2"]
+    assert dense1 == {} and not (tmp_path / "dense1").exists()  # nothing for rank 1 to do
 
     from basis_sharing import pipeline
 
