@@ -57,8 +57,9 @@ class RowsAccumulator:
 
     def reduce(self, world: World) -> None:
         """Every rank's rows, in rank order: the calibration order, as shards are contiguous."""
-        rows = torch.cat(self.rows) if self.rows else torch.empty(0, 0)
-        self.rows = [world.concat_rows(rows)]
+        if not self.rows:
+            raise RuntimeError("a rows accumulator that saw no batch cannot be reduced")
+        self.rows = [world.concat_rows(torch.cat(self.rows))]
         self.tokens = self.rows[0].shape[0]
 
 
