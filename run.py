@@ -8,6 +8,7 @@ import basis_sharing.methods  # noqa: F401  (registers every method and its conf
 import basis_sharing.runtime  # noqa: F401  (registers the runtime options' schemas)
 from basis_sharing import pipeline
 from basis_sharing.methods.caches import SweepCaches
+from basis_sharing.runtime import distributed
 
 
 def main() -> None:
@@ -19,7 +20,10 @@ def main() -> None:
     def job(cfg) -> None:
         pipeline.main(cfg, caches)
 
-    job()
+    try:
+        job()
+    finally:  # under torchrun: leave the process group every job of this process shared
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

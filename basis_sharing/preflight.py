@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from basis_sharing.calibration.statistics import check_data_parallel, get_statistic
 from basis_sharing.config import check_config
 from basis_sharing.data.corpora import get_corpus_spec, split_source
 from basis_sharing.errors import ConfigError, unknown_choice
@@ -25,7 +26,7 @@ from basis_sharing.methods.registry import METHODS, CompressionMethod
 from basis_sharing.models.compressed_io import read_manifest, require_tokenizer
 from basis_sharing.models.families import get_family
 from basis_sharing.models.loading import check_model_dir
-from basis_sharing.runtime import check_runtime
+from basis_sharing.runtime import check_runtime, distributed
 from basis_sharing.stages.state import Plan
 
 
@@ -45,10 +46,26 @@ def validate(cfg: DictConfig) -> Plan:
         check_model_dir(Path(cfg.model.local_path).expanduser(), "model.local_path")
     if method.needs_calibration:
         check_calibration_source(cfg)
+    check_data_parallel_launch(cfg, method)
     finetuner = get_finetuner(cfg.finetune, cfg)
     device = resolve_device(cfg.device)
     check_sequential_evaluation(cfg, device)
     return Plan(method=method, device=device, finetuner=finetuner)
+
+
+def check_data_parallel_launch(cfg: DictConfig, method: CompressionMethod) -> None:
+    """Under torchrun: the method's statistics reduce across ranks, each rank gets a batch.
+
+    Raises:
+        ConfigError: a statistic that cannot run data-parallel, or fewer calibration batches
+            (calibration.n_samples / model.calib_batch_size) than processes.
+    """
+    size = distributed.launch_size()
+    if size == 1 or not method.needs_calibration or cfg.load_model is not None:
+        return
+    world = distributed.World(size=size)
+    check_data_parallel([get_statistic(name) for name in method.stats_needed], world)
+    distributed.shard_bounds(cfg.calibration.n_samples, size, cfg.model.calib_batch_size)
 
 
 def sequential_methods() -> list[str]:

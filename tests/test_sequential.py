@@ -37,6 +37,7 @@ FAMILIES = ["llama", "mistral", "opt", "gpt2", "llama3", "qwen2", "gemma2"]
 F64, CPU = torch.float64, torch.device("cpu")
 IDENT = {"model": "tiny"}
 CALIB = "c" * 64
+SEQUENTIAL_DEFAULTS = {"hidden_states": "cpu", "distributed_backend": "auto"}
 
 
 def _ids(n: int, length: int, seed: int, vocab: int = TINY_VOCAB) -> torch.Tensor:
@@ -368,7 +369,7 @@ def test_a_run_with_runtime_sequential_records_what_runtime_full_does(
         records[runtime] = pipeline.run(cfg, out_dir=tmp_path / runtime)
     full, seq = records["full"], records["sequential"]
     assert seq["status"] == full["status"] == "completed"
-    assert seq["config"]["runtime"] == {"name": "sequential", "hidden_states": "cpu"}
+    assert seq["config"]["runtime"] == {**SEQUENTIAL_DEFAULTS, "name": "sequential"}
     assert seq["calibration"]["stats_key"] == full["calibration"]["stats_key"]
     assert not seq["calibration"]["cache_hit"] and not full["calibration"]["cache_hit"]
     assert seq["method_info"]["groups"] == full["method_info"]["groups"]
@@ -527,12 +528,17 @@ def test_the_runtime_group_composes_with_its_defaults():
 
     from basis_sharing.config import check_config
 
-    assert OmegaConf.to_container(compose_config().runtime) == {"name": "full"}
+    full = {"name": "full", "distributed_backend": "auto"}
+    assert OmegaConf.to_container(compose_config().runtime) == full
     cfg = compose_config("runtime=sequential")
-    assert OmegaConf.to_container(cfg.runtime) == {"name": "sequential", "hidden_states": "cpu"}
+    assert OmegaConf.to_container(cfg.runtime) == {**SEQUENTIAL_DEFAULTS, "name": "sequential"}
     check_config(cfg)
     with pytest.raises(ConfigError, match="runtime.hidden_states 'gpu'"):
         check_config(compose_config("runtime=sequential", "runtime.hidden_states=gpu"))
+    method = METHODS["svd"](OmegaConf.create({"name": "svd"}))
+    bad = compose_config("runtime.distributed_backend=mpi").runtime
+    with pytest.raises(ConfigError, match="distributed_backend 'mpi'. Valid choices: auto, gloo"):
+        check_runtime(bad, method)
 
 
 # ---------------------------------------------------------------- on a real second device

@@ -41,6 +41,7 @@ from basis_sharing.calibration.statistics import (
     register_statistic,
 )
 from basis_sharing.models.families import FamilyAdapter
+from basis_sharing.runtime.distributed import World
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,9 @@ class FisherStatistic(BackwardStatistic):
 
     name = "fisher"
     stat = FISHER
+    # Sums over whole batches, and each rank's shard is whole batches of the single process's
+    # batching (distributed.shard_bounds): the same per-batch squared gradients, summed.
+    data_parallel = True
 
     def key(
         self, identity: dict[str, Any], calibration_hash: str, gram_dtype: str, batch_size: int
@@ -199,6 +203,13 @@ class FisherStatistic(BackwardStatistic):
         self, model: nn.Module, family: FamilyAdapter, ids: torch.Tensor, batch_size: int
     ) -> FisherStats:
         return collect_fisher(model, family, ids, batch_size)
+
+    def reduce(self, value: FisherStats, world: World) -> FisherStats:
+        """The ranks' row sums summed, their batch and token counts added."""
+        # The same model on every rank: the same keys in the same order.
+        rows = {key: world.all_reduce_(row, "sum") for key, row in value.rows.items()}
+        batches, tokens = world.sum_ints(value.batches, value.tokens)
+        return FisherStats(rows=rows, batches=batches, tokens=tokens)
 
     def encode(self, value: FisherStats) -> tuple[Tensors, Fields]:
         return fisher_to_tensors(value)

@@ -41,6 +41,7 @@ from basis_sharing.calibration.statistics import (
     register_statistic,
 )
 from basis_sharing.models.families import FamilyAdapter
+from basis_sharing.runtime.distributed import World
 from basis_sharing.runtime.sequential import BlockRunner
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,13 @@ class GramAccumulator:
         if self.gram is not None:
             self.gram = self.gram.to(device)
 
+    def reduce(self, world: World) -> None:
+        """Sum the ranks' Grams and token counts: X^T X of the stacked X is the sum of blocks'."""
+        if self.gram is None:
+            raise RuntimeError("a Gram accumulator that saw no batch cannot be reduced")
+        world.all_reduce_(self.gram, "sum")
+        (self.tokens,) = world.sum_ints(self.tokens)
+
 
 def hooked_kinds(family: FamilyAdapter) -> dict[str, str]:
     """input name -> the one projection kind whose input is captured for it (the first reader)."""
@@ -141,6 +149,7 @@ class GramStatistic(ForwardStatistic):
 
     name = "gram"
     stat = GRAMS
+    data_parallel = True  # sums of x^T x
 
     def key(
         self, identity: dict[str, Any], calibration_hash: str, gram_dtype: str, batch_size: int

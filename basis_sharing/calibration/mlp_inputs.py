@@ -23,6 +23,7 @@ from basis_sharing.calibration.statistics import (
     register_statistic,
 )
 from basis_sharing.models.families import MLP_IN, FamilyAdapter
+from basis_sharing.runtime.distributed import World
 
 STREAM = MLP_IN
 STAT = "mlp_inputs"
@@ -54,6 +55,13 @@ class RowsAccumulator:
     def to(self, device: torch.device | str) -> None:
         """Rows are already on the CPU; nothing to move."""
 
+    def reduce(self, world: World) -> None:
+        """Every rank's rows, in rank order: the calibration order, as shards are contiguous."""
+        if not self.rows:
+            raise RuntimeError("a rows accumulator that saw no batch cannot be reduced")
+        self.rows = [world.concat_rows(torch.cat(self.rows))]
+        self.tokens = self.rows[0].shape[0]
+
 
 @register_statistic
 class MLPInputStatistic(ForwardStatistic):
@@ -61,6 +69,7 @@ class MLPInputStatistic(ForwardStatistic):
 
     name = "mlp_inputs"
     stat = STAT
+    data_parallel = True  # rows concatenated in calibration order
 
     def key(
         self, identity: dict[str, Any], calibration_hash: str, gram_dtype: str, batch_size: int

@@ -41,6 +41,7 @@ from basis_sharing.calibration.statistics import (
 )
 from basis_sharing.errors import unknown_choice
 from basis_sharing.models.families import FamilyAdapter
+from basis_sharing.runtime.distributed import World
 from basis_sharing.runtime.sequential import BlockRunner
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,18 @@ class ScaleAccumulator:
         if self.abs_mean is not None and self.abs_max is not None:
             self.abs_mean, self.abs_max = self.abs_mean.to(device), self.abs_max.to(device)
 
+    def reduce(self, world: World) -> None:
+        """Sum the ranks' sums of batch means, max their maxima, add their counts.
+
+        Exact because each rank's shard is whole batches of the single process's batching
+        (``distributed.shard_bounds``): the sum runs over the very same batch means.
+        """
+        if self.abs_mean is None or self.abs_max is None:
+            raise RuntimeError("a scale accumulator that saw no batch cannot be reduced")
+        world.all_reduce_(self.abs_mean, "sum")
+        world.all_reduce_(self.abs_max, "max")
+        self.tokens, self.batches = world.sum_ints(self.tokens, self.batches)
+
 
 @register_statistic
 class ScaleStatistic(ForwardStatistic):
@@ -124,6 +137,7 @@ class ScaleStatistic(ForwardStatistic):
 
     name = "scale"
     stat = SCALES
+    data_parallel = True  # sums of whole batches' means and a maximum
 
     def key(
         self, identity: dict[str, Any], calibration_hash: str, gram_dtype: str, batch_size: int

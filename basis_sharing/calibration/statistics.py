@@ -15,6 +15,13 @@ the cache (``encode`` / ``decode``, the one format of ``cache.py``), and how it 
 
 ``collect_statistics`` is the entry point: the cached ones are read (a damaged file is recomputed
 with a warning), the missing ones computed, with the fewest passes, and cached.
+
+Data-parallel (``torchrun``, a ``World`` of several ranks, runtime/distributed.py): each rank runs
+the passes over its shard of the calibration batches, then the partial results are reduced across
+the ranks (each accumulator's ``reduce``, a backward statistic's ``reduce``) before ``assemble``,
+so every rank holds the statistic of all samples. Only a statistic that says it reduces exactly
+(``data_parallel``) is computed this way; rank 0 decides what the cache holds and is the only one
+to write it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from tqdm.auto import tqdm
 from basis_sharing.calibration.cache import Fields, Tensors, lookup, store
 from basis_sharing.errors import CalibrationError, ConfigError, unknown_choice
 from basis_sharing.models.families import FamilyAdapter
+from basis_sharing.runtime.distributed import SINGLE, World
 from basis_sharing.runtime.sequential import BlockRunner, token_batches
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,15 @@ class Accumulator(Protocol):
 
     def to(self, device: torch.device | str) -> None: ...
 
+    def reduce(self, world: World) -> None:
+        """Combine, in place, this rank's state with the other ranks' (collectives of ``world``).
+
+        Afterwards it holds what one process fed every rank's batches would hold (sums summed,
+        maxima maxed, rows concatenated in rank order, counts added). Every rank calls it on its
+        accumulators in the same order.
+        """
+        ...
+
 
 class Statistic(ABC):
     """One calibration statistic (see the module docstring).
@@ -57,11 +74,14 @@ class Statistic(ABC):
         name: what methods ask for (``CompressionMethod.stats_needed``): "gram", "scale", ...
         stat: its name in cache keys and files ("grams", "scales", "fisher").
         backward: whether it needs the loss's gradients (its own pass, the whole model at once).
+        data_parallel: whether the ranks' partial results reduce exactly to the single-process
+            value (its accumulators', or its own, ``reduce``); only then may it run under torchrun.
     """
 
     name: ClassVar[str]
     stat: ClassVar[str]
     backward: ClassVar[bool] = False
+    data_parallel: ClassVar[bool] = False
 
     @abstractmethod
     def key(
@@ -113,6 +133,10 @@ class BackwardStatistic(Statistic):
     ) -> Any:
         """Compute it over the calibration batches."""
 
+    def reduce(self, value: Any, world: World) -> Any:
+        """This rank's ``value`` combined with the other ranks' (only if ``data_parallel``)."""
+        raise NotImplementedError(f"statistic '{self.name}' cannot be reduced across ranks")
+
 
 STATISTICS: dict[str, Statistic] = {}
 
@@ -148,6 +172,51 @@ def check_calibration_ids(calibration_ids: torch.Tensor, batch_size: int) -> Non
         )
     if batch_size < 1:
         raise ConfigError(f"calibration batch size must be >= 1, got {batch_size}.")
+
+
+def check_data_parallel(statistics: Iterable[Statistic], world: World) -> None:
+    """Refuse, before any pass, a statistic that cannot be computed over several ranks.
+
+    Raises:
+        ConfigError: naming the statistics whose partial results do not reduce exactly.
+    """
+    if world.size == 1:
+        return
+    refused = sorted(s.name for s in statistics if not s.data_parallel)
+    if refused:
+        able = sorted(name for name, s in STATISTICS.items() if s.data_parallel)
+        raise ConfigError(
+            f"calibration statistic(s) {', '.join(refused)} cannot be computed data-parallel: "
+            f"their per-rank results do not reduce exactly to the single-process ones. Run "
+            f"this method in one process (without torchrun); the statistics that can: "
+            f"{', '.join(able)}."
+        )
+
+
+def check_same_calibration(calibration_hash: str, world: World) -> None:
+    """Every rank must calibrate on the same token ids (the same data, sampler and tokenizer).
+
+    Raises:
+        CalibrationError: on every rank, naming the ranks whose ids differ from rank 0's.
+    """
+    hashes = world.all_gather_object(calibration_hash)
+    different = [rank for rank, value in enumerate(hashes) if value != hashes[0]]
+    if different:
+        raise CalibrationError(
+            f"rank(s) {different} sampled other calibration token ids than rank 0 (hashes "
+            f"{sorted(set(hashes))}): every process must read the same data mirror and "
+            "tokenizer with the same calibration settings."
+        )
+
+
+def reduce_accumulators(accumulators: Iterable[Accumulator], world: World) -> None:
+    """Every accumulator reduced across the ranks, in the same order on every rank.
+
+    Inference mode: accumulators filled under it hold inference tensors, updated in place here.
+    """
+    with torch.inference_mode():
+        for acc in accumulators:
+            acc.reduce(world)
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -191,6 +260,10 @@ class _Taps:
             remove_hooks(handles)
             raise
         return made, handles
+
+    def accumulators(self) -> list[Accumulator]:
+        """Every accumulator, in creation order (the same on every rank)."""
+        return [acc for filled in self.filled.values() for acc in filled.values()]
 
     def assemble(self, batches: int) -> dict[str, Any]:
         return {
@@ -252,6 +325,7 @@ def collect_forward(
     gram_dtype: str = "float32",
     runner: BlockRunner | None = None,
     desc: str = "calibration",
+    world: World | None = None,
 ) -> dict[str, Any]:
     """Every forward statistic of ``statistics`` in one pass over the calibration batches.
 
@@ -261,17 +335,27 @@ def collect_forward(
         batch_size: samples per forward pass.
         gram_dtype: accumulation dtype of the Grams ("float32" or "float64").
         runner: run block by block with it (``runtime=sequential``); None: the whole model.
+        world: the ranks of a data-parallel run: this rank passes its shard of the batches, then
+            the accumulators are reduced across the ranks. None: one process, all batches.
 
     Returns:
-        statistic name -> its value, every tensor on the CPU.
+        statistic name -> its value (of all samples, on every rank), every tensor on the CPU.
+
+    Raises:
+        ConfigError: with several ranks, a statistic that is not ``data_parallel``, or fewer
+            batches than ranks.
     """
     check_calibration_ids(calibration_ids, batch_size)
+    world = SINGLE if world is None else world
+    check_data_parallel(statistics, world)
+    batches = -(-calibration_ids.shape[0] // batch_size)
+    ids = world.shard(calibration_ids, batch_size)  # all of them for one process
     taps = _Taps(statistics, family, gram_dtype)
     if runner is None:
         _, handles = taps.attach(enumerate(family.layers(model)))
-        run_hooked(model, calibration_ids, batch_size, desc, handles)
+        run_hooked(model, ids, batch_size, desc, handles)
     else:
-        with runner.open(token_batches(calibration_ids, batch_size), desc) as session:
+        with runner.open(token_batches(ids, batch_size), desc) as session:
             for block in session.blocks():
                 made, handles = taps.attach(zip(block.layers, block.modules, strict=True))
                 try:
@@ -280,7 +364,9 @@ def collect_forward(
                     remove_hooks(handles)
                 for acc in made:  # the device holds one block's statistics at a time
                     acc.to("cpu")
-    return taps.assemble(-(-calibration_ids.shape[0] // batch_size))
+    if world.size > 1:
+        reduce_accumulators(taps.accumulators(), world)
+    return taps.assemble(batches)
 
 
 # ---------------------------------------------------------------- the entry point
@@ -307,11 +393,17 @@ def collect_statistics(
     cache_dir: Path,
     meta: dict[str, Any] | None = None,
     runner: BlockRunner | None = None,
+    world: World | None = None,
 ) -> dict[str, Collected]:
     """The statistics ``names``, each from the disk cache when this setup ran before.
 
     The missing forward statistics are computed together in one hooked pass (block by block with
     ``runner``), each backward one in its own pass; every computed one is cached.
+
+    With a ``world`` of several ranks, rank 0 alone reads the cache and tells the others which
+    statistics are missing; those are computed by all ranks together (each on its shard, then
+    reduced) and cached by rank 0. On the other ranks a statistic rank 0 found in its cache has
+    the value None: they only take part in computing the missing ones.
 
     Args:
         names: registered statistic names ("gram", "scale", "fisher").
@@ -319,11 +411,15 @@ def collect_statistics(
         calibration_hash: sha256 of ``calibration_ids`` (part of every key).
         cache_dir: cache root; files are ``<cache_dir>/stats/<key>.safetensors``.
         meta: JSON-able provenance stored beside the tensors (not part of the key).
+        world: the ranks of a data-parallel run; None: one process.
 
     Raises:
-        ConfigError: a backward statistic asked for with a runner (it needs the whole model).
+        ConfigError: a backward statistic asked for with a runner (it needs the whole model), or
+            with several ranks, one that is not ``data_parallel``.
+        CalibrationError: with several ranks, ranks whose calibration ids differ.
     """
     check_calibration_ids(calibration_ids, batch_size)
+    world = SINGLE if world is None else world
     wanted = [get_statistic(name) for name in dict.fromkeys(names)]
     if runner is not None:
         for statistic in wanted:
@@ -332,29 +428,42 @@ def collect_statistics(
                     f"calibration statistic '{statistic.name}' needs a backward pass through the "
                     "whole model, which runtime=sequential cannot run; use runtime=full."
                 )
+    check_data_parallel(wanted, world)
+    if world.size > 1:
+        check_same_calibration(calibration_hash, world)
     found: dict[str, Collected] = {}
     missing: list[Statistic] = []
-    for statistic in wanted:
-        key = statistic.key(identity, calibration_hash, gram_dtype, batch_size)
-        value = lookup(cache_dir, key, statistic.stat, statistic.decode)
-        if value is None:
-            missing.append(statistic)
-        else:
-            found[statistic.name] = Collected(key, value, True)
+    if world.is_main:
+        for statistic in wanted:
+            key = statistic.key(identity, calibration_hash, gram_dtype, batch_size)
+            value = lookup(cache_dir, key, statistic.stat, statistic.decode)
+            if value is None:
+                missing.append(statistic)
+            else:
+                found[statistic.name] = Collected(key, value, True)
+    missing_names = world.broadcast_object([s.name for s in missing])  # rank 0's decision
+    if not world.is_main:
+        missing = [s for s in wanted if s.name in missing_names]
+        for statistic in wanted:
+            if statistic.name not in missing_names:
+                key = statistic.key(identity, calibration_hash, gram_dtype, batch_size)
+                found[statistic.name] = Collected(key, None, True)
     computed: dict[str, Any] = {}
     forward = [s for s in missing if isinstance(s, ForwardStatistic)]
     if forward:
-        computed.update(
-            collect_forward(forward, model, family, calibration_ids, batch_size, gram_dtype, runner)
-        )
+        args = (forward, model, family, calibration_ids, batch_size, gram_dtype, runner)
+        computed.update(collect_forward(*args, world=world))
     for statistic in missing:
         if isinstance(statistic, BackwardStatistic):
-            computed[statistic.name] = statistic.collect(model, family, calibration_ids, batch_size)
+            ids = world.shard(calibration_ids, batch_size)
+            value = statistic.collect(model, family, ids, batch_size)
+            computed[statistic.name] = value if world.size == 1 else statistic.reduce(value, world)
     for statistic in missing:
         value = computed[statistic.name]
         if not statistic.backward:  # a backward statistic's own pass logs it
             log.info("%s", statistic.describe(value))
         key = statistic.key(identity, calibration_hash, gram_dtype, batch_size)
-        store(cache_dir, key, statistic.stat, *statistic.encode(value), meta)
+        if world.is_main:  # one writer: the ranks' values are the same
+            store(cache_dir, key, statistic.stat, *statistic.encode(value), meta)
         found[statistic.name] = Collected(key, value, False)
     return {statistic.name: found[statistic.name] for statistic in wanted}

@@ -6,6 +6,9 @@
   blocks, or on the device with ``runtime.hidden_states=device`` (faster, needs room for them).
   Grams, the updates and perplexity give the same numbers as with ``full``.
 
+Either one can calibrate data-parallel under ``torchrun`` (``distributed.py``);
+``runtime.distributed_backend`` picks the process group's backend.
+
 The schemas (with their defaults) are declared here, next to the code they configure, and
 registered with ``config.register_option_schema`` when this package is imported; each option's YAML
 (conf/runtime/) lists its schema first, as the method group's do.
@@ -24,6 +27,7 @@ from torch import nn
 from basis_sharing.config import register_option_schema
 from basis_sharing.errors import ConfigError, unknown_choice
 from basis_sharing.models.families import FamilyAdapter
+from basis_sharing.runtime.distributed import AUTO, BACKENDS
 from basis_sharing.runtime.sequential import BlockRunner
 
 FULL, SEQUENTIAL = "full", "sequential"
@@ -33,6 +37,9 @@ HIDDEN_STATES = ("cpu", "device")  # where the hidden states wait between blocks
 @dataclass
 class RuntimeConfig:
     name: str = MISSING
+    # The process group's backend under torchrun (runtime/distributed.py): auto (NCCL for a CUDA
+    # run, Gloo otherwise), gloo or nccl. A single process has no process group.
+    distributed_backend: str = AUTO
 
 
 @dataclass
@@ -75,6 +82,9 @@ def check_runtime(runtime_cfg: Any, method: Any, sequential_methods: Sequence[st
     name = runtime_cfg.name
     if name not in RUNTIMES:
         raise unknown_choice("runtime", name, list(RUNTIMES))
+    backend = runtime_cfg.get("distributed_backend", AUTO)
+    if backend not in BACKENDS:
+        raise unknown_choice("runtime.distributed_backend", backend, BACKENDS)
     if name != SEQUENTIAL:
         return
     SequentialRuntimeConfig.check(runtime_cfg)

@@ -22,6 +22,8 @@ def calibrate(state: RunState) -> None:
     split, sample count, length and seed), the statistic and the Gram accumulation dtype. The key
     of the whole calibration setup (``state.stats_key``) lets a sweep reuse decompositions.
     The missing forward statistics share one hooked pass, block by block with runtime=sequential.
+    Under torchrun every rank runs this stage on its shard of the calibration batches
+    (``state.world``); the record notes how many processes calibrated and their backend.
     """
     cfg, record = state.cfg, state.record
     gram_dtype = cfg.calibration.gram_dtype
@@ -52,6 +54,7 @@ def calibrate(state: RunState) -> None:
             cache_dir,
             meta,
             runner=make_runner(cfg.runtime, state.model, state.family, state.plan.device),
+            world=state.world,
         )
     state.stats = {name: c.value for name, c in collected.items()}
     for name, c in collected.items():
@@ -59,6 +62,9 @@ def calibrate(state: RunState) -> None:
     state.stats_key = stats_key(identity, calibration_hash, gram_dtype)
     summary["stats_key"] = state.stats_key
     summary["cache_hit"] = all(v["cache_hit"] for k, v in summary.items() if k in needed)
+    if state.world.size > 1:
+        summary["world_size"] = state.world.size
+        summary["backend"] = state.world.backend
     record["calibration"] = summary
 
 

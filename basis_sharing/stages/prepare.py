@@ -80,7 +80,8 @@ def tokenize(state: RunState) -> None:
             source=corpora.calibration.describe(),
         )
         record["hashes"]["calibration"] = token_hash(state.calibration_ids)
-        save_calibration_ids(state.calibration_ids, record.out_dir)
+        if state.world.is_main:  # under torchrun the run directory is rank 0's
+            save_calibration_ids(state.calibration_ids, record.out_dir)
     if corpora.throughput is not None:
         # The first quarter of WikiText-2 validation as blocks, and the generation prompt.
         tp = cfg.eval.throughput

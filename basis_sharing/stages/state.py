@@ -23,6 +23,7 @@ from basis_sharing.methods.caches import SweepCaches
 from basis_sharing.methods.registry import CompressionMethod
 from basis_sharing.models.families import FamilyAdapter
 from basis_sharing.models.loading import ModelSource
+from basis_sharing.runtime.distributed import SINGLE, World
 from basis_sharing.tracking.record import RunRecord
 
 
@@ -62,6 +63,7 @@ class RunState:
     plan: Plan
     record: RunRecord
     caches: SweepCaches  # reused across the jobs of a sweep; owned by whoever runs the jobs
+    world: World = SINGLE  # the ranks of a torchrun launch; they calibrate together
     corpora: Corpora | None = None  # data
     source: ModelSource | None = None  # model_source: where the base model's files are
     saved: Path | None = None  # model_source (load flow): the saved compressed model
@@ -84,3 +86,7 @@ class Stage:
     name: str
     run: Callable[[RunState], None]
     on_device: bool = False  # its peak device memory is recorded too
+    # Under torchrun: every rank runs it (the setup the shared stages need) ...
+    all_ranks: bool = False
+    # ... or the ranks compute it together (the calibration). The other stages are rank 0's.
+    shared: bool = False

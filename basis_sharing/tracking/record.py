@@ -34,10 +34,17 @@ def _now() -> str:
 
 
 class RunRecord:
-    """Accumulates a run's record and keeps ``<out_dir>/results.json`` up to date."""
+    """Accumulates a run's record and keeps ``<out_dir>/results.json`` up to date.
 
-    def __init__(self, out_dir: str | Path, config: dict[str, Any], **fields: Any) -> None:
+    ``persist=False``: the record only lives in memory and no file is ever written (a
+    data-parallel rank other than 0: rank 0 writes the run's record).
+    """
+
+    def __init__(
+        self, out_dir: str | Path, config: dict[str, Any], *, persist: bool = True, **fields: Any
+    ) -> None:
         self.out_dir = Path(out_dir)
+        self.persist = persist
         self.final_path = self.out_dir / RESULTS_FILE
         self.path = self.out_dir / PENDING_FILE if _completed(self.final_path) else self.final_path
         # Called with the record's data after every write (experiment trackers mirror results as
@@ -84,7 +91,7 @@ class RunRecord:
         self.data[Key.STATUS] = Status.COMPLETED
         self.data[Key.FINISHED_AT] = _now()
         self.write()
-        if self.path != self.final_path:  # only now may the earlier completed record go
+        if self.persist and self.path != self.final_path:  # only now may the earlier record go
             if self.final_path.exists():
                 os.replace(self.final_path, self.out_dir / PREVIOUS_FILE)
             os.replace(self.path, self.final_path)
@@ -98,6 +105,8 @@ class RunRecord:
         return self.write()
 
     def write(self) -> Path:
+        if not self.persist:
+            return self.path
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{RESULTS_FILE}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")

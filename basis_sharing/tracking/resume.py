@@ -35,6 +35,7 @@ NON_RESULT_KEYS = (
     "hydra",
     "paths",
     "device",
+    "runtime.distributed_backend",  # like device: how the ranks talk, not what they compute
     "threads",  # like device: how fast, not what (the record keeps the count)
     "offline",
     "force",

@@ -290,6 +290,8 @@ class CalibrationSummary(TypedDict, total=False):
     tokens: int
     stats_key: str
     cache_hit: bool
+    world_size: int  # processes that calibrated together (torchrun); absent: one
+    backend: str  # their torch.distributed backend (gloo, nccl)
     gram: StatsEntry
     scale: StatsEntry
     fisher: StatsEntry
