@@ -81,7 +81,7 @@ class CalibrationConfig:
     @staticmethod
     def check(node: DictConfig) -> None:
         forward = node.get("forward_dtype")
-        if forward is not None and forward not in (*AUTOCAST_DTYPES, *TORCH_DTYPES):
+        if forward is not None and forward not in TORCH_DTYPES:
             raise unknown_choice("calibration.forward_dtype", forward, ["null", *TORCH_DTYPES])
         if node.gram_dtype not in GRAM_DTYPES:
             raise ConfigError(

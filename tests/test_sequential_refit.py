@@ -19,9 +19,9 @@ from basis_sharing.linalg.refit import (
     refit_shared_basis,
 )
 from basis_sharing.methods.basis_sharing import BasisSharing, BasisSharingMethodConfig
+from basis_sharing.methods.compensate import refit_compensating
 from basis_sharing.methods.factorized import snapshot_weights
 from basis_sharing.methods.registry import CompressionContext
-from basis_sharing.methods.update import refit_compensating
 from basis_sharing.models.families import family_for_model_type
 from basis_sharing.runtime.sequential import BlockRunner
 

@@ -57,38 +57,36 @@ def decomposition_path(d_in: int, width: int, choice: str) -> str:
     return "gram_eigh" if max(d_in, width) >= AUTO_ASPECT * min(d_in, width) else "svd"
 
 
-@dataclass
-class SharedDecomposition:
-    """Thin SVD of S W_G, kept whole so that any rank can be cut from it.
+@dataclass(kw_only=True)
+class Decomposition:
+    """A group's factorisation of S W_G, kept whole so that any rank can be cut from it.
 
     Attributes:
-        S: (d_in, d_in) upper-triangular whitening factor.
+        S: (d_in, d_in) whitening factor.
+        sigma: (r,) singular values of S W_G, largest first, r = min(d_in, n * d_out).
+        d_out: width of one member's slice of the coefficients.
         shift: the eigenvalue shift the whitening needed, carried along for the run record.
-        U: (d_in, r), sigma: (r,), Vh: (r, n * d_out), with r = min(d_in, n * d_out).
-        d_out: width of one member's slice of Vh.
         whitening: how S was made, hence how it is inverted (``linalg.whitening.unwhiten``).
     """
 
     S: torch.Tensor
-    U: torch.Tensor
     sigma: torch.Tensor
-    Vh: torch.Tensor
     d_out: int
     shift: float = 0.0  # diagonal shift the whitening needed (0.0: the Gram was definite)
     whitening: str = "cholesky"
 
     @property
-    def n_members(self) -> int:
-        return self.width // self.d_out
-
-    @property
     def width(self) -> int:
         """n * d_out, the columns of W_G."""
-        return self.Vh.shape[1]
+        raise NotImplementedError
 
     def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(U_k Sigma_k (d_in, k), V_k^T (k, n * d_out)) of the rank-k truncation."""
-        return self.U[:, :k] * self.sigma[:k], self.Vh[:k]
+        raise NotImplementedError
+
+    @property
+    def n_members(self) -> int:
+        return self.width // self.d_out
 
     def truncate(self, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Basis B (d_in, k) = S^{-1} U_k Sigma_k and coefficients C_j (k, d_out), float64."""
@@ -117,39 +115,52 @@ class SharedDecomposition:
         return replace(self, **{name: t.to(device) for name, t in self._tensors().items()})
 
 
-@dataclass
-class GramEighDecomposition(SharedDecomposition):
+@dataclass(kw_only=True)
+class SharedDecomposition(Decomposition):
+    """The thin SVD S W_G = U Sigma V^T: U (d_in, r), Vh (r, n * d_out) (the reference path)."""
+
+    U: torch.Tensor
+    Vh: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        return self.Vh.shape[1]
+
+    def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.U[:, :k] * self.sigma[:k], self.Vh[:k]
+
+
+@dataclass(kw_only=True)
+class GramEighDecomposition(Decomposition):
     """The same factorisation from the eigendecomposition of the smaller Gram of A = S W_G.
 
-    ``side="left"`` (n d_out > d_in): A A^T = U Sigma^2 U^T (d_in x d_in); the right vectors of a
-    truncation are formed only for the kept k, V_k^T = Sigma_k^{-1} U_k^T A. ``side="right"``
-    (d_in the larger side): A^T A = V Sigma^2 V^T and U_k Sigma_k = A V_k. A is kept (in the place
-    of the SVD's other factor, the same size) so that any rank can still be cut. Squaring A
-    squares its condition number: singular values below about sqrt(machine eps) x sigma_max lose
-    their relative accuracy (absolute error ~ eps sigma_max^2 / sigma), which leaves the kept
-    components of a truncation and the discarded energy accurate.
-
-    Attributes (besides S, sigma, d_out, shift, whitening): A (d_in, n d_out); U: the left vectors
-    (side left) or V (n d_out, r) (side right); Vh is unused (an empty tensor).
+    ``side="left"`` (n d_out >= d_in): A A^T = U Sigma^2 U^T (d_in x d_in), ``vectors`` = U; the
+    right vectors of a truncation are formed only for the kept k, V_k^T = Sigma_k^{-1} U_k^T A.
+    ``side="right"`` (d_in the larger side): A^T A = V Sigma^2 V^T, ``vectors`` = V (n d_out, r),
+    and U_k Sigma_k = A V_k. A (d_in, n d_out) is kept in the place of the SVD's other factor (the
+    same size) so that any rank can still be cut. Squaring A squares its condition number:
+    singular values below about sqrt(machine eps) x sigma_max lose their relative accuracy
+    (absolute error ~ eps sigma_max^2 / sigma), which leaves the kept components of a truncation
+    and the discarded energy accurate.
     """
 
-    A: torch.Tensor = None  # type: ignore[assignment]
-    side: str = "left"
+    vectors: torch.Tensor
+    A: torch.Tensor
+    side: str
 
     @property
     def width(self) -> int:
         return self.A.shape[1]
 
     def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        sigma = self.sigma[:k]
+        v = self.vectors[:, :k]
         if self.side == "right":
-            v = self.U[:, :k]
             return self.A @ v, v.T
-        u = self.U[:, :k]
+        sigma = self.sigma[:k]
         # A zero singular value's row of V^T is arbitrary in the SVD; 0 adds nothing to B C.
         tiny = sigma <= torch.finfo(sigma.dtype).eps * max(float(self.sigma[0]), 1e-300)
         inv = torch.where(tiny, torch.zeros_like(sigma), 1.0 / sigma.clamp_min(1e-300))
-        return u * sigma, (u.T @ self.A) * inv[:, None]
+        return v * sigma, (v.T @ self.A) * inv[:, None]
 
 
 def _descending_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +175,7 @@ def decompose_shared(
     shift: float = 0.0,
     whitening: str = "cholesky",
     path: str = "svd",
-) -> SharedDecomposition:
+) -> Decomposition:
     """Factorisation of S [W_1 | ... | W_n] in float64 on S's device.
 
     Args:
@@ -187,12 +198,11 @@ def decompose_shared(
     sigma, vectors = _descending_eigh(a @ a.T if side == "left" else a.T @ a)
     return GramEighDecomposition(
         S=S,
-        U=vectors,
         sigma=sigma,
-        Vh=a.new_empty(0),
         d_out=d_out,
         shift=shift,
         whitening=whitening,
+        vectors=vectors,
         A=a,
         side=side,
     )

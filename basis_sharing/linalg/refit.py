@@ -49,13 +49,6 @@ def spd_cholesky(lhs: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
     return torch.linalg.cholesky(lhs + shift * eye)
 
 
-def _solve_coefficients(
-    basis: torch.Tensor, gram_basis: torch.Tensor, rhs: torch.Tensor, eps: float
-) -> torch.Tensor:
-    """C solving (B^T M^ B) C = ``rhs`` (k, m) from B and M^ B, everything float64."""
-    return torch.cholesky_solve(rhs, spd_cholesky(basis.T @ gram_basis, eps))
-
-
 def refit_coefficients(
     basis: torch.Tensor, gram: torch.Tensor, weights: torch.Tensor, eps: float = DEFAULT_EPS
 ) -> torch.Tensor:
@@ -71,7 +64,7 @@ def refit_coefficients(
     """
     b = basis.to(F64)
     mb = gram.to(F64) @ b
-    return _solve_coefficients(b, mb, mb.T @ weights.to(F64), eps)
+    return torch.cholesky_solve(mb.T @ weights.to(F64), spd_cholesky(b.T @ mb, eps))
 
 
 @dataclass

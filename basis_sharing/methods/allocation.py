@@ -20,11 +20,11 @@ import torch
 
 from basis_sharing.errors import ConfigError
 from basis_sharing.linalg.allocation import allocate_ranks
-from basis_sharing.linalg.factorization import SharedDecomposition
+from basis_sharing.linalg.factorization import Decomposition
 from basis_sharing.methods.plan import GroupPlan
 from basis_sharing.models.families import FamilyAdapter
 
-Decompose = Callable[[GroupPlan], SharedDecomposition]
+Decompose = Callable[[GroupPlan], Decomposition]
 
 
 def component_cost(plan: GroupPlan) -> int:
@@ -80,7 +80,7 @@ def global_plans(
 
 def member_errors(
     plan: GroupPlan,
-    dec: SharedDecomposition,
+    dec: Decomposition,
     weights: Sequence[torch.Tensor],
     grams: Sequence[torch.Tensor],
 ) -> list[float]:

@@ -20,6 +20,7 @@ from torch import nn
 from basis_sharing.errors import ConfigError, unknown_choice
 from basis_sharing.linalg.whitening import whiten
 from basis_sharing.methods.allocation import family_gram, global_plans, sharing_errors
+from basis_sharing.methods.compensate import refit_compensating
 from basis_sharing.methods.factorized import (
     FactorizedMethod,
     WhitenedSVDMethodConfig,
@@ -35,11 +36,7 @@ from basis_sharing.methods.plan import (
     resolve_kinds,
 )
 from basis_sharing.methods.registry import CompressionContext, register_method
-from basis_sharing.methods.update import (
-    refit_compensating,
-    refit_sequential,
-    refit_single_pass,
-)
+from basis_sharing.methods.update import refit_sequential, refit_single_pass
 from basis_sharing.models.families import FamilyAdapter
 
 

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from basis_sharing.linalg.factorization import SharedDecomposition
+from basis_sharing.linalg.factorization import Decomposition
 
 # ASVD's sensitivity table: (layer, kind) -> {candidate kept fraction: calibration perplexity}.
 SensitivityTable = dict[tuple[int, str], dict[float, float]]
@@ -32,13 +32,13 @@ class DecompositionCache:
     """
 
     def __init__(self) -> None:
-        self._entries: OrderedDict[tuple, SharedDecomposition] = OrderedDict()
+        self._entries: OrderedDict[tuple, Decomposition] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
     def get(
-        self, key: tuple, compute: Callable[[], SharedDecomposition], budget_mb: float
-    ) -> SharedDecomposition:
+        self, key: tuple, compute: Callable[[], Decomposition], budget_mb: float
+    ) -> Decomposition:
         if key in self._entries:
             self._entries.move_to_end(key)
             self.hits += 1

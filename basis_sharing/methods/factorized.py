@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from basis_sharing.errors import ConfigError, unknown_choice
 from basis_sharing.linalg.factorization import (
     DECOMPOSITIONS,
-    SharedDecomposition,
+    Decomposition,
     decompose_shared,
 )
 from basis_sharing.methods.options import update_mode
@@ -195,7 +195,7 @@ class FactorizedMethod(CompressionMethod):
         """The group's SVD; reused from the sweep's caches when the run has them and a key."""
         device = ctx.device
 
-        def compute() -> SharedDecomposition:
+        def compute() -> Decomposition:
             S, shift = self.scaling(plan, family, ctx.stats or {}, device)
             weights = [family.weight(layers[i], plan.kind).detach().to(device) for i in plan.layers]
             return decompose_shared(
