@@ -111,3 +111,47 @@ def test_svd_llm_update_is_sequential():
         torch.testing.assert_close(after[(0, kind)], before[(0, kind)], rtol=0, atol=1e-8)
     assert not torch.allclose(after[(3, "down")], before[(3, "down")], atol=1e-6)
     assert info["error_after"] < info["error_before"]
+
+
+@pytest.mark.parametrize("family_name", ["llama", "opt", "gemma2"])
+def test_layerwise_update_on_shared_groups_refits_each_member_on_its_own_final_inputs(family_name):
+    """update=layerwise with shared bases: member (i, kind) is refit when layer i is reached, on
+    the inputs it sees once every earlier member is final. Those are its inputs in the finished
+    model, so the oracle is each member's deviated least squares on the final model's Grams."""
+    model, family, method, ctx = setup(
+        BasisSharing, BasisSharingMethodConfig, family_name, update="layerwise"
+    )
+    originals = {
+        (i, k): family.weight(layer, k).detach().clone()
+        for i, layer in enumerate(family.layers(model))
+        for k in family.kinds
+    }
+    info = method.compress(model, family, ctx)["update"]
+    assert info["mode"] == "layerwise"
+    final = collect_grams(model, family, ctx.calibration_ids, 4, F64)
+    layers = family.layers(model)
+    shared_members = 0
+    for report in info["groups"]:
+        (i,) = report["layers"]
+        kind = report["kind"]
+        assert report["error_after"] <= report["error_before"] * (1 + 1e-9) + 1e-12
+        module = family.module(layers[i], kind)
+        basis = module.basis.weight.detach().T
+        gram = final.group_gram((i,), family.projection(kind).input)
+        oracle = refit_coefficients(basis, gram, originals[(i, kind)])
+        torch.testing.assert_close(module.coefficient.weight.detach().T, oracle, rtol=0, atol=1e-8)
+        if "group" in report:
+            shared_members += 1
+            assert i in report["group"] and len(report["group"]) > 1
+    assert shared_members > 0  # the family's default shares some kinds in groups of 2
+    # every member of every group refit exactly once, in depth order
+    members = [(r["layers"][0], r["kind"]) for r in info["groups"]]
+    assert sorted(set(members)) == sorted(members)
+    assert [i for i, _ in members] == sorted(i for i, _ in members)
+    # the shared bases did not move: members of one group still hold one basis tensor
+    for report in info["groups"]:
+        if "group" in report:
+            first, *rest = report["group"]
+            b0 = family.module(layers[first], report["kind"]).basis.weight
+            for j in rest:
+                assert family.module(layers[j], report["kind"]).basis.weight is b0

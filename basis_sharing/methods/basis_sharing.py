@@ -72,11 +72,6 @@ class BasisSharing(FactorizedMethod):
         check_kinds(self.cfg.get("kinds"), family)
         check_whitened_options(self.cfg, self.name)
         self.check_groups(family)
-        if self.update_mode() == "layerwise" and self.group_size() > 1:
-            raise ConfigError(
-                "method.update=layerwise (SVD-LLM's refit) refits one-layer groups only, and "
-                f"method.group_size={self.group_size()} shares bases; use method.update=one_pass."
-            )
 
     def auto_sharing(self) -> bool:
         return self.cfg.get("shared") == "auto"

@@ -7,10 +7,12 @@ inside the compressed model:
 - ``refit_single_pass`` (Basis Sharing, paper section 4.1): one forward pass of the fully
   compressed model over the calibration blocks gives every deviated Gram, then every group is
   refit at once. (The published code defines this step but never calls it.)
-- ``refit_sequential`` (SVD-LLM's update): layer by layer, the inputs of layer i come from layers
-  0..i-1 already compressed *and refit*; within a layer the inputs are refreshed in data-flow
-  order (attention input, attention output, MLP input, MLP hidden), so o and down are refit on
-  what the refit q/k/v and up/gate produce.
+- ``refit_sequential`` (SVD-LLM's update, ``update=layerwise``): layer by layer, the inputs of
+  layer i come from layers 0..i-1 already compressed *and refit*; within a layer the inputs are
+  refreshed in data-flow order (attention input, attention output, MLP input, MLP hidden), so o
+  and down are refit on what the refit q/k/v and up/gate produce. On a shared group (beyond the
+  paper, docs/methods.md §10.1) each member is refit when its layer is reached, on its own
+  deviated Gram, C_j = (B^T M^_j B)^{-1} B^T M^_j W_j, the shared basis fixed.
 The third, ``update=sequential``, refits to the original model's outputs instead
 (``methods/compensate.py``, docs/methods.md §10.1); it shares ``update_summary`` and
 ``update_runner`` with these two.
@@ -45,11 +47,18 @@ def refit_group(
     originals: dict,
     device: torch.device,
     eps: float,
+    members: tuple[int, ...] | None = None,
 ) -> dict:
-    """Refit the coefficients of one group on the deviated Gram; returns both errors."""
-    modules = [family.module(layers[i], plan.kind) for i in plan.layers]
+    """Refit coefficients of one group on the deviated Gram; returns both errors.
+
+    ``members`` (default: every layer of the group) are the layers refit, together, on ``gram``
+    (their summed Gram); the others keep their coefficients. The basis is fixed, so a subset is
+    the least-squares problem of those members alone.
+    """
+    members = plan.layers if members is None else members
+    modules = [family.module(layers[i], plan.kind) for i in members]
     basis = modules[0].basis.weight.detach().T.to(device, torch.float64)
-    w_group = concat_weights([originals[(i, plan.kind)] for i in plan.layers]).to(device)
+    w_group = concat_weights([originals[(i, plan.kind)] for i in members]).to(device)
     gram = gram.to(device, torch.float64)
     old = torch.cat([m.coefficient.weight.detach().T for m in modules], dim=1).to(device)
     new = refit_coefficients(basis, gram, w_group, eps)
@@ -57,9 +66,11 @@ def refit_group(
     with torch.no_grad():
         for j, module in enumerate(modules):
             module.coefficient.weight.copy_(new[:, j * d_out : (j + 1) * d_out].T)
+    report = {"kind": plan.kind, "layers": list(members)}
+    if tuple(members) != tuple(plan.layers):
+        report["group"] = list(plan.layers)
     return {
-        "kind": plan.kind,
-        "layers": list(plan.layers),
+        **report,
         "error_before": output_error(gram, w_group, basis @ old.to(torch.float64)),
         "error_after": output_error(gram, w_group, basis @ new),
     }
@@ -124,11 +135,11 @@ def refit_sequential(
 
     Each layer is a block of the runner: for each input in data-flow order its Gram is taken by
     running the block (with the layer's kinds before it already refit), its kinds are refit, and
-    when the layer is done its outputs feed the next one.
+    when the layer is done its outputs feed the next one. A member of a shared group is refit
+    alone, on its own layer's Gram (the basis fixed), so one report per member: a shared
+    member's names its ``group``.
     """
     by_member = {(i, p.kind): p for p in plans for i in p.layers}
-    if any(p.shared for p in plans):
-        raise ValueError("the sequential update refits one-layer groups only")
     runner = update_runner(model, family, ctx)
     batches = token_batches(ctx.calibration_ids, ctx.calib_batch_size)
     layers = family.layers(model)
@@ -138,6 +149,9 @@ def refit_sequential(
             (i,) = block.layers
             layer = block.modules[0]
             for kinds in family.kinds_by_input().values():
+                kinds = [k for k in kinds if (i, k) in by_member]
+                if not kinds:
+                    continue
                 acc = GramAccumulator(ctx.gram_dtype)
                 module = family.module(layer, kinds[0])
                 handle = module.register_forward_hook(
@@ -150,7 +164,9 @@ def refit_sequential(
                 for kind in kinds:
                     plan = by_member[(i, kind)]
                     groups.append(
-                        refit_group(layers, family, plan, acc.gram, originals, ctx.device, eps)
+                        refit_group(
+                            layers, family, plan, acc.gram, originals, ctx.device, eps, (i,)
+                        )
                     )
             # leaving the block: the runner propagates the refit layer's outputs
     tokens = int(ctx.calibration_ids.numel())
