@@ -26,6 +26,8 @@ TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64")
 GRAM_DTYPES = ("float32", "float64")  # accumulation dtypes of the calibration Grams
 # calibration.forward_dtype below the model's: the pass runs under torch.autocast in it.
 AUTOCAST_DTYPES = ("bfloat16", "float16")
+AUTO_BATCH = "auto"  # model.calib_batch_size: the largest batch the device's free memory holds
+GRAM_DEVICES = ("device", "cpu")  # calibration.gram_device: where the Gram accumulators live
 
 
 @dataclass
@@ -47,7 +49,7 @@ class ModelConfig:
     gguf_file: str | None = None
     dtype: str = "float32"
     context_length: int = 2048
-    calib_batch_size: int = 16
+    calib_batch_size: Any = 16  # an integer >= 1, or auto (calibration/batching.py)
     eval_batch_size: int = 1
 
     @staticmethod
@@ -57,7 +59,7 @@ class ModelConfig:
         if node.context_length < 2:
             raise ConfigError(f"model.context_length={node.context_length} must be >= 2.")
         _at_least(1, {"model.eval_batch_size": node.eval_batch_size})
-        _at_least(1, {"model.calib_batch_size": node.calib_batch_size})
+        check_batch_setting(node.calib_batch_size)
 
 
 @dataclass
@@ -77,6 +79,13 @@ class CalibrationConfig:
     # dtype of the calibration forward pass: None (the model's, as the paper) or bfloat16 /
     # float16 (torch.autocast: matmuls in that dtype, the Grams still accumulated in gram_dtype).
     forward_dtype: str | None = None
+    # model.calib_batch_size=auto: the share of the device's free memory the pass may fill.
+    memory_fraction: float = 0.85
+    # Where the Gram accumulators live during a runtime=full pass: on the device (the fastest),
+    # or on the CPU, each batch's X^T X computed on the device and added there (the device then
+    # holds no layer's Grams: 22 GB for LLaMA-7B in float32). runtime=sequential moves each
+    # block's Grams to the CPU when the block is done either way.
+    gram_device: str = "device"
 
     @staticmethod
     def check(node: DictConfig) -> None:
@@ -89,6 +98,12 @@ class CalibrationConfig:
             )
         if node.n_samples < 1:
             raise ConfigError(f"calibration.n_samples={node.n_samples} must be >= 1.")
+        if not 0.0 < float(node.memory_fraction) <= 1.0:
+            raise ConfigError(
+                f"calibration.memory_fraction={node.memory_fraction} must be in (0, 1]."
+            )
+        if node.gram_device not in GRAM_DEVICES:
+            raise unknown_choice("calibration.gram_device", node.gram_device, GRAM_DEVICES)
         if node.seq_len < 2:
             raise ConfigError(f"calibration.seq_len={node.seq_len} must be >= 2 tokens.")
 
@@ -312,6 +327,22 @@ def forward_dtype(cfg: DictConfig) -> str | None:
             f"{forward} instead (model.dtype={forward})."
         )
     return forward
+
+
+def is_auto_batch(value: Any) -> bool:
+    """``model.calib_batch_size`` asks for the batch size to be chosen (``auto``)."""
+    return isinstance(value, str) and value.strip().lower() == AUTO_BATCH
+
+
+def check_batch_setting(value: Any) -> None:
+    """``model.calib_batch_size``: an integer >= 1 or ``auto``."""
+    if is_auto_batch(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            f"model.calib_batch_size={value!r} must be an integer >= 1 or 'auto' (the largest "
+            "batch the device's free memory holds)."
+        )
 
 
 def _at_least(low: int, values: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from basis_sharing.calibration.statistics import check_data_parallel, get_statistic
-from basis_sharing.config import check_config
+from basis_sharing.config import check_config, is_auto_batch
 from basis_sharing.data.corpora import get_corpus_spec, split_source
 from basis_sharing.errors import ConfigError, unknown_choice
 from basis_sharing.evaluation.perplexity import PPL_SPLITS
@@ -65,7 +65,9 @@ def check_data_parallel_launch(cfg: DictConfig, method: CompressionMethod) -> No
         return
     world = distributed.World(size=size)
     check_data_parallel([get_statistic(name) for name in method.stats_needed], world)
-    distributed.shard_bounds(cfg.calibration.n_samples, size, cfg.model.calib_batch_size)
+    batch = cfg.model.calib_batch_size
+    # auto is capped at one rank's share of the samples, so only batch 1 needs checking then
+    distributed.shard_bounds(cfg.calibration.n_samples, size, 1 if is_auto_batch(batch) else batch)
 
 
 def sequential_methods() -> list[str]:

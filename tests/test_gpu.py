@@ -121,3 +121,47 @@ def test_a_two_four_v_runs_semi_structured_and_computes_the_masked_product():
         dense = module(x)
         module.to_semi_structured()
         torch.testing.assert_close(module(x), dense, rtol=2e-2, atol=2e-2)
+
+
+def _hooked_pass_peak(model, family, ids, batch_size, gram_store=None) -> int:
+    """Peak CUDA bytes above the resident model during one hooked calibration pass."""
+    from basis_sharing.calibration.grams import GRAM
+    from basis_sharing.calibration.statistics import collect_forward
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    collect_forward([GRAM], model, family, ids, batch_size, "float32", gram_store=gram_store)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def test_offloaded_grams_leave_the_device_and_auto_batches_fit():
+    """A wide random LLaMA on the GPU: gram_device=cpu lowers the pass's peak by about the Grams'
+    bytes, and the batch ``auto`` picks for a given free memory stays within it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from basis_sharing.calibration.batching import choose_batch_size, gram_bytes
+    from basis_sharing.models.families import family_for_model_type
+
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
+    model = LlamaForCausalLM(config).cuda().eval()
+    family = family_for_model_type("llama")
+    ids = torch.randint(0, 4096, (16, 512), device="cpu")
+    every, one = gram_bytes(model, family, "float32")
+    resident = _hooked_pass_peak(model, family, ids, 4)
+    offloaded = _hooked_pass_peak(model, family, ids, 4, gram_store="cpu")
+    assert resident - offloaded >= every - 2 * one  # one batch's products stay in flight
+    budget = 2 * 2**30  # pretend 2 GiB are free
+    choice = choose_batch_size(
+        model, family, ids, torch.device("cuda"), "float32", 1.0, False, free=budget
+    )
+    assert choice.batch_size >= 1
+    assert _hooked_pass_peak(model, family, ids, choice.batch_size) <= budget

@@ -101,29 +101,39 @@ class GramStats:
 class GramAccumulator:
     """Running X^T X of one activation stream, fed batch by batch.
 
-    The Gram lives on the device of the first batch so the (tokens, d_in) x (tokens, d_in) product
-    runs where the activations are; only the (d_in, d_in) result ever moves to the CPU.
+    By default the Gram lives on the device of the first batch so the (tokens, d_in) x
+    (tokens, d_in) product runs where the activations are; only the (d_in, d_in) result ever
+    moves to the CPU. With ``store`` (``calibration.gram_device=cpu``) the running Gram lives
+    there instead: each batch's product is still computed where the activations are, then added
+    to it, so the device holds one batch's d_in x d_in product at a time and no layer's Gram.
     """
 
-    def __init__(self, dtype: torch.dtype | str = torch.float32) -> None:
+    def __init__(
+        self, dtype: torch.dtype | str = torch.float32, store: torch.device | str | None = None
+    ) -> None:
         self.dtype = ACCUMULATE_DTYPES[accumulate_dtype_name(dtype)]
+        self.store = None if store is None else torch.device(store)
         self.gram: torch.Tensor | None = None  # (d_in, d_in)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Fold activations ``x``: (..., d_in) into the Gram; every leading position is a token."""
         x = x.detach()
-        if self.gram is not None and x.device != self.gram.device:
+        if self.store is None and self.gram is not None and x.device != self.gram.device:
             x = x.to(self.gram.device)  # e.g. a model split over devices, or a finished block
         flat = x.reshape(-1, x.shape[-1]).to(self.dtype)  # (tokens, d_in)
         if self.gram is None:
             d_in = flat.shape[1]
-            self.gram = torch.zeros(d_in, d_in, dtype=self.dtype, device=flat.device)
+            where = flat.device if self.store is None else self.store
+            self.gram = torch.zeros(d_in, d_in, dtype=self.dtype, device=where)
         elif flat.shape[1] != self.gram.shape[0]:
             raise ValueError(
                 f"Activation width {flat.shape[1]} does not match the Gram's {self.gram.shape[0]}."
             )
-        self.gram.addmm_(flat.T, flat)
+        if self.store is None:
+            self.gram.addmm_(flat.T, flat)
+        else:  # offloaded: this batch's product where the activations are, summed on the store
+            self.gram += (flat.T @ flat).to(self.gram.device)
         self.tokens += flat.shape[0]
 
     def to(self, device: torch.device | str) -> None:
@@ -156,8 +166,8 @@ class GramStatistic(ForwardStatistic):
     ) -> str:
         return stats_key(identity, calibration_hash, gram_dtype)  # no batch size: sums of x^T x
 
-    def accumulator(self, gram_dtype: str) -> Accumulator:
-        return GramAccumulator(gram_dtype)
+    def accumulator(self, gram_dtype: str, store: str | None = None) -> Accumulator:
+        return GramAccumulator(gram_dtype, store)
 
     def assemble(
         self, accumulators: dict[Key, Accumulator], batches: int, gram_dtype: str

@@ -83,7 +83,7 @@ class MLPInputStatistic(ForwardStatistic):
             raise ValueError(f"family {family.name} has no projection reading the MLP input")
         return {STREAM: readers[0]}
 
-    def accumulator(self, gram_dtype: str) -> Accumulator:
+    def accumulator(self, gram_dtype: str, store: str | None = None) -> Accumulator:
         return RowsAccumulator()
 
     def assemble(

@@ -144,7 +144,7 @@ class ScaleStatistic(ForwardStatistic):
     ) -> str:
         return scales_key(identity, calibration_hash, batch_size)
 
-    def accumulator(self, gram_dtype: str) -> Accumulator:
+    def accumulator(self, gram_dtype: str, store: str | None = None) -> Accumulator:
         return ScaleAccumulator()
 
     def assemble(

@@ -114,8 +114,12 @@ class ForwardStatistic(Statistic):
         return {name: kinds[0] for name, kinds in family.kinds_by_input().items()}
 
     @abstractmethod
-    def accumulator(self, gram_dtype: str) -> Accumulator:
-        """A fresh accumulator for one (layer, stream)."""
+    def accumulator(self, gram_dtype: str, store: str | None = None) -> Accumulator:
+        """A fresh accumulator for one (layer, stream).
+
+        ``store``: where a large running state lives ("cpu": ``calibration.gram_device=cpu``; None:
+        where the first batch arrives). Small states may ignore it.
+        """
 
     @abstractmethod
     def assemble(self, accumulators: dict[Key, Accumulator], batches: int, gram_dtype: str) -> Any:
@@ -231,11 +235,16 @@ class _Taps:
     """The accumulators of some forward statistics on some layers, and the hooks feeding them."""
 
     def __init__(
-        self, statistics: Sequence[ForwardStatistic], family: FamilyAdapter, gram_dtype: str
+        self,
+        statistics: Sequence[ForwardStatistic],
+        family: FamilyAdapter,
+        gram_dtype: str,
+        store: str | None = None,
     ) -> None:
         self.statistics = list(statistics)
         self.family = family
         self.gram_dtype = gram_dtype
+        self.store = store
         self.filled: dict[str, dict[Key, Accumulator]] = {s.name: {} for s in statistics}
 
     def attach(
@@ -249,7 +258,7 @@ class _Taps:
                 by_kind: dict[str, list[Accumulator]] = {}
                 for statistic in self.statistics:
                     for stream, kind in statistic.streams(self.family).items():
-                        acc = statistic.accumulator(self.gram_dtype)
+                        acc = statistic.accumulator(self.gram_dtype, self.store)
                         self.filled[statistic.name][(index, stream)] = acc
                         by_kind.setdefault(kind, []).append(acc)
                         made.append(acc)
@@ -326,6 +335,7 @@ def collect_forward(
     runner: BlockRunner | None = None,
     desc: str = "calibration",
     world: World | None = None,
+    gram_store: str | None = None,
 ) -> dict[str, Any]:
     """Every forward statistic of ``statistics`` in one pass over the calibration batches.
 
@@ -337,6 +347,8 @@ def collect_forward(
         runner: run block by block with it (``runtime=sequential``); None: the whole model.
         world: the ranks of a data-parallel run: this rank passes its shard of the batches, then
             the accumulators are reduced across the ranks. None: one process, all batches.
+        gram_store: "cpu": the Grams accumulate on the CPU (``calibration.gram_device=cpu``); None:
+            on the device of the activations.
 
     Returns:
         statistic name -> its value (of all samples, on every rank), every tensor on the CPU.
@@ -350,7 +362,7 @@ def collect_forward(
     check_data_parallel(statistics, world)
     batches = -(-calibration_ids.shape[0] // batch_size)
     ids = world.shard(calibration_ids, batch_size)  # all of them for one process
-    taps = _Taps(statistics, family, gram_dtype)
+    taps = _Taps(statistics, family, gram_dtype, gram_store)
     if runner is None:
         _, handles = taps.attach(enumerate(family.layers(model)))
         run_hooked(model, ids, batch_size, desc, handles)
@@ -394,6 +406,7 @@ def collect_statistics(
     meta: dict[str, Any] | None = None,
     runner: BlockRunner | None = None,
     world: World | None = None,
+    gram_store: str | None = None,
 ) -> dict[str, Collected]:
     """The statistics ``names``, each from the disk cache when this setup ran before.
 
@@ -412,6 +425,7 @@ def collect_statistics(
         cache_dir: cache root; files are ``<cache_dir>/stats/<key>.safetensors``.
         meta: JSON-able provenance stored beside the tensors (not part of the key).
         world: the ranks of a data-parallel run; None: one process.
+        gram_store: where the Grams accumulate ("cpu", or None: the device; ``collect_forward``).
 
     Raises:
         ConfigError: a backward statistic asked for with a runner (it needs the whole model), or
@@ -452,7 +466,7 @@ def collect_statistics(
     forward = [s for s in missing if isinstance(s, ForwardStatistic)]
     if forward:
         args = (forward, model, family, calibration_ids, batch_size, gram_dtype, runner)
-        computed.update(collect_forward(*args, world=world))
+        computed.update(collect_forward(*args, world=world, gram_store=gram_store))
     for statistic in missing:
         if isinstance(statistic, BackwardStatistic):
             ids = world.shard(calibration_ids, batch_size)

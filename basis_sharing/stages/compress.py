@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from basis_sharing.config import is_auto_batch
 from basis_sharing.evaluation.params import budget_ratio, parameter_report
 from basis_sharing.evaluation.throughput import rank_above_break_even, summarize_break_even
 from basis_sharing.methods.registry import CompressionContext
@@ -25,7 +26,7 @@ def compress(state: RunState) -> None:
         device=plan.device,
         calibration_ids=state.calibration_ids,
         stats=state.stats,
-        calib_batch_size=cfg.model.calib_batch_size,
+        calib_batch_size=compress_batch_size(state),
         caches=state.caches,
         stats_key=state.stats_key,
         gram_dtype=getattr(torch, cfg.calibration.gram_dtype),
@@ -36,6 +37,15 @@ def compress(state: RunState) -> None:
     if plan.method.compresses:
         kinds = state.budget[0] if state.budget else None
         check_ratio(budget_ratio(record["params"]), cfg.ratio, cfg.ratio_tolerance, kinds=kinds)
+
+
+def compress_batch_size(state: RunState) -> int:
+    """The calibration batch size of the method's own passes (updates, ASVD's search): the
+    calibrate stage's choice under ``auto``; a method that needs no calibration gets 1."""
+    value = state.cfg.model.calib_batch_size
+    if not is_auto_batch(value):
+        return int(value)
+    return state.calib_batch_size or 1
 
 
 def account(state: RunState) -> None:

@@ -77,6 +77,9 @@ class RunState:
     budget: tuple[tuple[str, ...], int] | None = None
     stats: dict[str, Any] | None = None  # calibrate: statistics by name
     stats_key: str | None = None  # calibrate: key of the whole calibration setup
+    # calibrate, with model.calib_batch_size=auto: the batch size chosen and why
+    calib_batch_size: int | None = None
+    batch_choice: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
