@@ -126,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'scripts'}:{REPO_ROOT}"}
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         row = json.loads(out.stdout.strip().splitlines()[-1])
-        row["estimate_over_measured"] = row["estimated_bytes"] / max(row["measured_growth_bytes"], 1)
+        measured = max(row["measured_growth_bytes"], 1)
+        row["estimate_over_measured"] = row["estimated_bytes"] / measured
         rows.append(row)
         print(
             f"batch {batch}: measured {row['measured_growth_bytes'] / 2**20:.0f} MiB, "
