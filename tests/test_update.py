@@ -155,3 +155,29 @@ def test_layerwise_update_on_shared_groups_refits_each_member_on_its_own_final_i
             b0 = family.module(layers[first], report["kind"]).basis.weight
             for j in rest:
                 assert family.module(layers[j], report["kind"]).basis.weight is b0
+
+
+def test_layerwise_refit_samples_uses_the_first_samples_only():
+    """refit_samples=N: the update equals the update of a run whose calibration is those N."""
+    model, family, method, ctx = setup(
+        BasisSharing, BasisSharingMethodConfig, update="layerwise", refit_samples=4
+    )
+    info = method.compress(model, family, ctx)["update"]
+    assert info["tokens"] == 4 * ctx.calibration_ids.shape[1]
+    # The oracle: the final model's Grams on the first 4 samples only.
+    originals_model = make_tiny_model("llama", dtype=F64)
+    originals = {
+        (i, k): family.weight(layer, k).detach().clone()
+        for i, layer in enumerate(family.layers(originals_model))
+        for k in family.kinds
+    }
+    final = collect_grams(model, family, ctx.calibration_ids[:4], 4, F64)
+    layers = family.layers(model)
+    for report in info["groups"]:
+        (i,) = report["layers"]
+        module = family.module(layers[i], report["kind"])
+        gram = final.group_gram((i,), family.projection(report["kind"]).input)
+        oracle = refit_coefficients(
+            module.basis.weight.detach().T, gram, originals[(i, report["kind"])]
+        )
+        torch.testing.assert_close(module.coefficient.weight.detach().T, oracle, rtol=0, atol=1e-8)

@@ -254,7 +254,9 @@ class BasisSharing(FactorizedMethod):
                 refit_basis=self.cfg.get("refit_basis", False),
                 samples=self.cfg.get("refit_samples"),
             )
-        return refit_sequential(model, family, plans, originals, ctx, eps)
+        return refit_sequential(
+            model, family, plans, originals, ctx, eps, samples=self.cfg.get("refit_samples")
+        )
 
 
 @register_method("svd_llm", schema=SVDLLMMethodConfig)

@@ -24,7 +24,14 @@ from basis_sharing.methods.registry import CompressionContext
 from basis_sharing.methods.update import update_runner, update_summary
 from basis_sharing.models.families import FamilyAdapter
 from basis_sharing.modules.shared_basis import shared_bases
-from basis_sharing.runtime.sequential import Block, LayerCall, layer_units, token_batches
+from basis_sharing.runtime.sequential import (
+    Block,
+    LayerCall,
+    call_layer,
+    capture_input,
+    layer_units,
+    token_batches,
+)
 
 F64 = torch.float64
 
@@ -63,16 +70,6 @@ class CompensationStats:
 Member = tuple[CompensationStats, float]
 
 
-def _call_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
-    """One decoder layer on one batch, as ``Block.forward`` calls it."""
-    out = layer(hidden, *call.args, **call.kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-class _Captured(Exception):
-    """Raised by a capture hook to end a layer call once its input was read."""
-
-
 def _capture(
     layer: nn.Module,
     family: FamilyAdapter,
@@ -81,32 +78,9 @@ def _capture(
     call: LayerCall,
     stop: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(input ``name`` of ``layer`` on this batch, the layer's output or None).
-
-    ``stop``: the call ends at the projection reading ``name`` (nothing after it is computed);
-    else the layer runs to its end and its output is returned too.
-    """
-    seen: list[torch.Tensor] = []
-
-    def hook(_module: nn.Module, args: tuple) -> None:
-        if seen:
-            raise RuntimeError(f"input {name} was read twice in one call")
-        seen.append(args[0].detach())
-        if stop:
-            raise _Captured
-
+    """``capture_input`` at the projection that reads input ``name`` (its first reader)."""
     module = family.module(layer, hooked_kinds(family)[name])
-    handle = module.register_forward_pre_hook(hook)
-    out = None
-    try:
-        out = _call_layer(layer, hidden, call)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
-        raise RuntimeError(f"input {name} of the layer was not read")
-    return seen[0], out
+    return capture_input(layer, module, hidden, call, stop)
 
 
 def _dense_linear(weights: torch.Tensor, module: nn.Module) -> nn.Linear:
@@ -230,7 +204,7 @@ def _advance(
     outputs = []
     for b, (hidden, calls) in enumerate(block.inputs()):
         hat = hidden if deviated is None else deviated[b].to(block.device)
-        outputs.append(_call_layer(layer, hat, calls[index]).to(store))
+        outputs.append(call_layer(layer, hat, calls[index]).to(store))
     return outputs
 
 

@@ -61,12 +61,18 @@ def check_whitened_options(cfg: Any, method: str) -> None:
 
 
 def check_refit_options(cfg: Any, mode: str) -> None:
-    """``refit_basis`` and ``refit_samples`` belong to ``update=sequential`` alone."""
+    """``refit_basis`` belongs to ``update=sequential``, ``refit_samples`` to it and
+    ``update=layerwise`` (the layer-by-layer refits)."""
     refit_basis, samples = bool(cfg.get("refit_basis", False)), cfg.get("refit_samples")
-    if mode != "sequential" and (refit_basis or samples is not None):
+    if mode != "sequential" and refit_basis:
         raise ConfigError(
-            "method.refit_basis and method.refit_samples are options of method.update=sequential "
-            f"(got method.update={mode}, refit_basis={refit_basis}, refit_samples={samples})."
+            "method.refit_basis is an option of method.update=sequential "
+            f"(got method.update={mode})."
+        )
+    if mode not in ("sequential", "layerwise") and samples is not None:
+        raise ConfigError(
+            "method.refit_samples is an option of method.update=sequential or layerwise "
+            f"(got method.update={mode}, refit_samples={samples})."
         )
     if samples is not None and int(samples) < 1:
         raise ConfigError(f"method.refit_samples={samples} must be >= 1 (or null: every sample).")

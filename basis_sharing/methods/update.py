@@ -36,7 +36,7 @@ from basis_sharing.linalg.refit import output_error, refit_coefficients
 from basis_sharing.methods.plan import GroupPlan
 from basis_sharing.methods.registry import CompressionContext
 from basis_sharing.models.families import FamilyAdapter
-from basis_sharing.runtime.sequential import BlockRunner, token_batches
+from basis_sharing.runtime.sequential import BlockRunner, capture_input, token_batches
 
 
 def refit_group(
@@ -130,21 +130,26 @@ def refit_sequential(
     originals: dict,
     ctx: CompressionContext,
     eps: float,
+    samples: int | None = None,
 ) -> dict:
     """SVD-LLM's update: layer by layer on the outputs of the compressed, refit earlier layers.
 
-    Each layer is a block of the runner: for each input in data-flow order its Gram is taken by
-    running the block (with the layer's kinds before it already refit), its kinds are refit, and
-    when the layer is done its outputs feed the next one. A member of a shared group is refit
-    alone, on its own layer's Gram (the basis fixed), so one report per member: a shared
-    member's names its ``group``.
+    Each layer is a block of the runner. For each input in data-flow order, every batch runs the
+    layer (with its kinds before that input already refit) only up to the projection reading it,
+    whose Gram is taken; that input's kinds are refit; when the layer is done the runner
+    propagates its outputs to the next one. A member of a shared group is refit alone, on its own
+    layer's Gram (the basis fixed), so one report per member: a shared member's names its
+    ``group``. ``samples``: the first N calibration samples (None: all).
     """
     by_member = {(i, p.kind): p for p in plans for i in p.layers}
+    ids = ctx.calibration_ids[:samples]
     runner = update_runner(model, family, ctx)
-    batches = token_batches(ctx.calibration_ids, ctx.calib_batch_size)
     layers = family.layers(model)
     groups = []
-    with runner.open(batches, desc="update: layers") as session:
+    with (
+        torch.no_grad(),
+        runner.open(token_batches(ids, ctx.calib_batch_size), desc="update: layers") as session,
+    ):
         for block in session.blocks():
             (i,) = block.layers
             layer = block.modules[0]
@@ -154,13 +159,9 @@ def refit_sequential(
                     continue
                 acc = GramAccumulator(ctx.gram_dtype)
                 module = family.module(layer, kinds[0])
-                handle = module.register_forward_hook(
-                    lambda _m, args, _o, acc=acc: acc.add(args[0])
-                )
-                try:
-                    block.run()
-                finally:
-                    handle.remove()
+                for hidden, calls in block.inputs():
+                    x, _ = capture_input(layer, module, hidden, calls[i], stop=True)
+                    acc.add(x)
                 for kind in kinds:
                     plan = by_member[(i, kind)]
                     groups.append(
@@ -169,5 +170,4 @@ def refit_sequential(
                         )
                     )
             # leaving the block: the runner propagates the refit layer's outputs
-    tokens = int(ctx.calibration_ids.numel())
-    return update_summary("layerwise", tokens, groups)
+    return update_summary("layerwise", int(ids.numel()), groups)

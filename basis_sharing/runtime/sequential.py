@@ -116,6 +116,46 @@ def moved(value: Any, device: torch.device, memo: dict[int, tuple[Any, Any]]) ->
     return value
 
 
+def call_layer(layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
+    """One decoder layer on one batch, as ``Block.forward`` calls it."""
+    out = layer(hidden, *call.args, **call.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _Captured(Exception):
+    """Raised by a capture hook to end a layer call once its input was read."""
+
+
+def capture_input(
+    layer: nn.Module, module: nn.Module, hidden: torch.Tensor, call: LayerCall, stop: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the input of ``module`` inside ``layer`` on this batch, the layer's output or None).
+
+    ``stop``: the call ends at ``module`` (nothing after it is computed); else the layer runs to
+    its end and its output is returned too.
+    """
+    seen: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        if seen:
+            raise RuntimeError("the captured input was read twice in one call")
+        seen.append(args[0].detach())
+        if stop:
+            raise _Captured
+
+    handle = module.register_forward_pre_hook(hook)
+    out = None
+    try:
+        out = call_layer(layer, hidden, call)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError("the captured module was not called by the layer")
+    return seen[0], out
+
+
 def token_batches(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """(n, seq) ids as consecutive batches of at most ``batch_size`` rows."""
     return [ids[start : start + batch_size] for start in range(0, ids.shape[0], batch_size)]
