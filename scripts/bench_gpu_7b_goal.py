@@ -71,7 +71,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5])
     parser.add_argument("--n-samples", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=8, help="calibration samples per pass")
+    parser.add_argument(
+        "--batch-size",
+        default="8",
+        help="calibration samples per pass, or auto (model.calib_batch_size=auto's choice)",
+    )
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--mlp", type=int, default=11008)
@@ -137,12 +141,29 @@ def calibrate(model, family, args, device) -> tuple[Any, float]:
     ids = torch.randint(0, 32000, (args.n_samples, args.seq_len), generator=torch.Generator())
     runner = BlockRunner(model, family, device, hidden_device=torch.device("cpu"))
     autocast = args.forward_dtype
+    batch = batch_size(model, family, ids, device, args)
     sync(device)
     start = time.perf_counter()
     with torch.autocast(device.type, getattr(torch, autocast or "float32"), autocast is not None):
-        stats = collect_grams(model, family, ids, args.batch_size, "float32", runner=runner)
+        stats = collect_grams(model, family, ids, batch, "float32", runner=runner)
     sync(device)
     return stats, time.perf_counter() - start
+
+
+def batch_size(model, family, ids, device, args) -> int:
+    """``--batch-size``, or with ``auto`` what ``calibration.batching`` chooses for
+    runtime=sequential (logged, and stored in ``args.batch_choice``)."""
+    if str(args.batch_size).lower() != "auto":
+        return int(args.batch_size)
+    from basis_sharing.calibration.batching import choose_batch_size
+
+    forward = getattr(torch, args.forward_dtype).itemsize if args.forward_dtype else 0
+    choice = choose_batch_size(
+        model, family, ids, device, "float32", 0.85, True, forward_bytes=forward
+    )
+    args.batch_choice = choice.summary()
+    log.info("calibration batch size auto: %s", args.batch_choice)
+    return choice.batch_size
 
 
 def decoding(model, device, args) -> dict[str, Any]:
