@@ -25,6 +25,7 @@ from conftest import TINY_VOCAB, compose_config, make_tiny_model
 from omegaconf import OmegaConf
 
 from basis_sharing.calibration import collect_forward, collect_statistics
+from basis_sharing.calibration.batching import choose_batch_size, resident_bytes, sample_bytes
 from basis_sharing.calibration.grams import GRAM
 from basis_sharing.calibration.statistics import ForwardStatistic, check_data_parallel
 from basis_sharing.errors import CalibrationError, ConfigError
@@ -132,7 +133,15 @@ def _calibrate_on_ranks(rank: int, size: int, port: int, out: str) -> None:
             mismatch = None
         except CalibrationError as exc:
             mismatch = str(exc)
+        # model.calib_batch_size=auto: rank 0's memory holds 4 samples, rank 1's 2; both take 2
+        per_sample = sample_bytes(model, family, SEQ, "float64")
+        resident = resident_bytes(model, family, "float64", sequential=False)
+        free = resident + (4 if rank == 0 else 2) * per_sample + per_sample // 2
+        auto = choose_batch_size(
+            model, family, ids, CPU, "float64", 1.0, False, world=world, free=free
+        )
         result = {
+            "auto_batch": (auto.batch_size, auto.limit),
             "stats": {name: c.value for name, c in collected.items()},
             "hits": {name: c.cache_hit for name, c in collected.items()},
             "sequential": sequential,
@@ -167,6 +176,11 @@ def one_process(tmp_path_factory):
     )
     stats = {name: c.value for name, c in collected.items()}
     return stats, _compress(stats, _ids())
+
+
+def test_auto_batch_size_is_the_smallest_ranks_choice(two_ranks):
+    # rank 0 alone would take 4, rank 1 2; a rank's limit is its share of the samples (10 // 2)
+    assert [r["auto_batch"] for r in two_ranks] == [(2, 5), (2, 5)]
 
 
 def test_reduced_grams_equal_the_single_process_ones(two_ranks, one_process):

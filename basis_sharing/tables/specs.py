@@ -495,6 +495,12 @@ def plus_rows() -> tuple[Row, ...]:
                 "basis_sharing", ratio, label="+ one_pass update", **{**bs, "update": "one_pass"}
             ),
             method_row(
+                "basis_sharing",
+                ratio,
+                label="+ layerwise update",
+                **{**bs, "update": "layerwise", "refit_samples": None},
+            ),
+            method_row(
                 "basis_sharing", ratio, label="+ sequential refit", **{**bs, "update": "sequential"}
             ),
             method_row(
