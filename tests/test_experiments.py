@@ -173,7 +173,7 @@ ADDED_SINCE = {
     "decomposition": "svd",
 }
 # calibration.* settings added since then, at their defaults.
-CALIBRATION_ADDED_SINCE = {"forward_dtype": None}
+CALIBRATION_ADDED_SINCE = {"forward_dtype": None, "memory_fraction": 0.85, "gram_device": "device"}
 
 
 def test_table_smollm_reproduces_the_committed_records_settings():

@@ -465,11 +465,13 @@ TABLE_FIPS_SMOLLM = TableSpec(
 # (tests/test_experiments.py keeps the two equal): the combination measured best on the embedded
 # model (README "Beyond the paper").
 PLUS_OPTIONS: dict[str, Any] = {
-    "update": "none",
+    "update": "layerwise",
     "whitening": "cholesky",
     "allocation": "uniform",
     "sharing": "auto",
     "refit_basis": False,
+    "refit_samples": None,
+    "decomposition": "auto",
 }
 PLAIN = {"whitening": "cholesky", "allocation": "uniform", "refit_basis": False}
 
