@@ -468,10 +468,10 @@ PLUS_OPTIONS: dict[str, Any] = {
     "update": "layerwise",
     "whitening": "cholesky",
     "allocation": "uniform",
-    "sharing": "auto",
+    "sharing": "default",
     "refit_basis": False,
     "refit_samples": None,
-    "decomposition": "auto",
+    "decomposition": "svd",
 }
 PLAIN = {"whitening": "cholesky", "allocation": "uniform", "refit_basis": False}
 
@@ -497,12 +497,6 @@ def plus_rows() -> tuple[Row, ...]:
                 "basis_sharing", ratio, label="+ one_pass update", **{**bs, "update": "one_pass"}
             ),
             method_row(
-                "basis_sharing",
-                ratio,
-                label="+ layerwise update",
-                **{**bs, "update": "layerwise", "refit_samples": None},
-            ),
-            method_row(
                 "basis_sharing", ratio, label="+ sequential refit", **{**bs, "update": "sequential"}
             ),
             method_row(
@@ -521,7 +515,18 @@ def plus_rows() -> tuple[Row, ...]:
             method_row(
                 "basis_sharing", ratio, label="+ eigh whitening", **{**bs, "whitening": "eigh"}
             ),
-            method_row("basis_sharing", ratio, label="basis_sharing_plus", **PLUS_OPTIONS),
+            method_row(
+                "basis_sharing",
+                ratio,
+                label="+ auto sharing + layerwise update",
+                **{**PLAIN, "sharing": "auto", "update": "layerwise", "refit_samples": None},
+            ),
+            method_row(
+                "basis_sharing",
+                ratio,
+                label="+ layerwise update = basis_sharing_plus",
+                **PLUS_OPTIONS,
+            ),
         ]
         rows += [
             Row(r.label, r.runs, None, r.ratio, r.group if i == 0 else "")
