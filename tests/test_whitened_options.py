@@ -272,10 +272,9 @@ def test_bad_update_settings_are_refused_before_any_work():
     llama = get_family("llama")
     with pytest.raises(ConfigError, match="Valid choices"):
         method(update="twice").check_config(llama)
-    with pytest.raises(ConfigError, match="an option of method.update=sequential"):
+    with pytest.raises(ConfigError, match="sequential or layerwise"):
         method(update="one_pass", refit_basis=True).check_config(llama)
-    with pytest.raises(ConfigError, match="an option of method.update=sequential"):
-        method(update="layerwise", refit_basis=True).check_config(llama)
+    method(update="layerwise", refit_basis=True).check_config(llama)
     with pytest.raises(ConfigError, match="sequential or layerwise"):
         method(update="one_pass", refit_samples=8).check_config(llama)
     method("svd_llm", update=True, refit_samples=8).check_config(llama)  # layerwise

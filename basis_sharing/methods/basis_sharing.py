@@ -36,7 +36,7 @@ from basis_sharing.methods.plan import (
     resolve_kinds,
 )
 from basis_sharing.methods.registry import CompressionContext, register_method
-from basis_sharing.methods.update import refit_sequential, refit_single_pass
+from basis_sharing.methods.update import BasisRefit, refit_sequential, refit_single_pass
 from basis_sharing.models.families import FamilyAdapter
 
 
@@ -254,8 +254,18 @@ class BasisSharing(FactorizedMethod):
                 refit_basis=self.cfg.get("refit_basis", False),
                 samples=self.cfg.get("refit_samples"),
             )
+        basis = None
+        if self.cfg.get("refit_basis", False):
+            basis = BasisRefit(self.whitening_kind(), eps, self.decomposition_choice())
         return refit_sequential(
-            model, family, plans, originals, ctx, eps, samples=self.cfg.get("refit_samples")
+            model,
+            family,
+            plans,
+            originals,
+            ctx,
+            eps,
+            samples=self.cfg.get("refit_samples"),
+            refit_basis=basis,
         )
 
 

@@ -61,8 +61,10 @@ class WhitenedSVDMethodConfig(FactorizedMethodConfig):
     # one_pass (Basis Sharing's), layerwise (SVD-LLM's), sequential (to the original outputs,
     # docs/methods.md §10.1). true / false: the method's own / none.
     update: Any = False
-    refit_basis: bool = False  # sequential: also refit each shared basis (alternating LS)
-    refit_samples: int | None = None  # sequential: the first N calibration samples (None: all)
+    # sequential: also refit each shared basis (alternating LS); layerwise: re-derive each basis
+    # at its first member on the deviated Gram
+    refit_basis: bool = False
+    refit_samples: int | None = None  # sequential, layerwise: the first N calibration samples
     whitening: str = "cholesky"  # or eigh (SVD-LLM V2: clamped eigenvalues)
     # Ranks: uniform (the papers' rule per group) or global (largest whitened energy per
     # parameter, docs/methods.md §10.2), within each kind or across all kinds (allocation_scope).

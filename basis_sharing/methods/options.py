@@ -61,12 +61,12 @@ def check_whitened_options(cfg: Any, method: str) -> None:
 
 
 def check_refit_options(cfg: Any, mode: str) -> None:
-    """``refit_basis`` belongs to ``update=sequential``, ``refit_samples`` to it and
-    ``update=layerwise`` (the layer-by-layer refits)."""
+    """``refit_basis`` and ``refit_samples`` belong to the layer-by-layer refits,
+    ``update=sequential`` and ``update=layerwise``."""
     refit_basis, samples = bool(cfg.get("refit_basis", False)), cfg.get("refit_samples")
-    if mode != "sequential" and refit_basis:
+    if mode not in ("sequential", "layerwise") and refit_basis:
         raise ConfigError(
-            "method.refit_basis is an option of method.update=sequential "
+            "method.refit_basis is an option of method.update=sequential or layerwise "
             f"(got method.update={mode})."
         )
     if mode not in ("sequential", "layerwise") and samples is not None:

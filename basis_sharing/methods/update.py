@@ -12,7 +12,9 @@ inside the compressed model:
   refreshed in data-flow order (attention input, attention output, MLP input, MLP hidden), so o
   and down are refit on what the refit q/k/v and up/gate produce. On a shared group (beyond the
   paper, docs/methods.md §10.1) each member is refit when its layer is reached, on its own
-  deviated Gram, C_j = (B^T M^_j B)^{-1} B^T M^_j W_j, the shared basis fixed.
+  deviated Gram, C_j = (B^T M^_j B)^{-1} B^T M^_j W_j, the shared basis fixed. With
+  ``refit_basis`` the basis is re-derived too, once, when the group's first member is reached
+  (``rederive_basis``).
 The third, ``update=sequential``, refits to the original model's outputs instead
 (``methods/compensate.py``, docs/methods.md §10.1); it shares ``update_summary`` and
 ``update_runner`` with these two.
@@ -25,14 +27,16 @@ device under ``runtime=full``. The numbers are the same.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from basis_sharing.calibration.grams import GramAccumulator, collect_grams
-from basis_sharing.linalg.factorization import concat_weights
+from basis_sharing.linalg.factorization import concat_weights, decompose_shared
 from basis_sharing.linalg.refit import output_error, refit_coefficients
+from basis_sharing.linalg.whitening import whiten
 from basis_sharing.methods.plan import GroupPlan
 from basis_sharing.methods.registry import CompressionContext
 from basis_sharing.models.families import FamilyAdapter
@@ -74,6 +78,61 @@ def refit_group(
         "error_before": output_error(gram, w_group, basis @ old.to(torch.float64)),
         "error_after": output_error(gram, w_group, basis @ new),
     }
+
+
+@dataclass(frozen=True)
+class BasisRefit:
+    """How ``refit_sequential`` re-derives a basis: the method's whitening, regulariser and SVD
+    path (``method.whitening``, ``method.eps``, ``method.decomposition``)."""
+
+    whitening: str = "cholesky"
+    eps: float = 7e-6
+    path: str = "svd"
+
+
+def rederive_basis(
+    layers,
+    family: FamilyAdapter,
+    plan: GroupPlan,
+    deviated: torch.Tensor,
+    original_grams: list[torch.Tensor],
+    originals: dict,
+    device: torch.device,
+    how: BasisRefit,
+) -> None:
+    """The group's whitened truncation again, on the Grams the refit has when its first member
+    is reached (docs/methods.md §10.1).
+
+    The first member's Gram is its deviated one, ``deviated`` (its inputs inside the compressed,
+    refit model so far); the later members' inputs are not known yet (they depend on this
+    layer's new factors), so their original Grams ``original_grams`` stand in. The basis and
+    every member's coefficients are replaced at the plan's rank; a private layer (a group of one)
+    gets the whitened truncation of its deviated Gram, the best rank-k fit on those inputs.
+    """
+    gram = deviated.to(device, torch.float64)
+    for other in original_grams:
+        gram = gram + other.to(device, torch.float64)
+    whitening = whiten(gram, how.whitening, eps=how.eps)
+    weights = [originals[(i, plan.kind)].to(device) for i in plan.layers]
+    dec = decompose_shared(weights, whitening.S, whitening.shift, how.whitening, how.path)
+    basis, coefficients = dec.truncate(plan.rank)
+    modules = [family.module(layers[i], plan.kind) for i in plan.layers]
+    with torch.no_grad():
+        # One module holds a shared basis for every member: copying through the first is enough.
+        base = modules[0].basis.weight
+        base.copy_(basis.T.to(base.device, base.dtype))
+        for module, c in zip(modules, coefficients, strict=True):
+            weight = module.coefficient.weight
+            weight.copy_(c.T.to(weight.device, weight.dtype))
+
+
+def member_error(layers, family, plan: GroupPlan, i: int, gram, originals: dict) -> float:
+    """||X^_i (W_i - B C_i)||_F of member ``i`` on ``gram`` with its current factors."""
+    module = family.module(layers[i], plan.kind)
+    basis = module.basis.weight.detach().T.to(torch.float64)
+    coefficient = module.coefficient.weight.detach().T.to(basis.device, torch.float64)
+    weights = originals[(i, plan.kind)].to(basis.device)
+    return output_error(gram.to(basis.device), weights, basis @ coefficient)
 
 
 def update_summary(mode: str, tokens: int, groups: list[dict]) -> dict:
@@ -131,6 +190,7 @@ def refit_sequential(
     ctx: CompressionContext,
     eps: float,
     samples: int | None = None,
+    refit_basis: BasisRefit | None = None,
 ) -> dict:
     """SVD-LLM's update: layer by layer on the outputs of the compressed, refit earlier layers.
 
@@ -139,7 +199,9 @@ def refit_sequential(
     whose Gram is taken; that input's kinds are refit; when the layer is done the runner
     propagates its outputs to the next one. A member of a shared group is refit alone, on its own
     layer's Gram (the basis fixed), so one report per member: a shared member's names its
-    ``group``. ``samples``: the first N calibration samples (None: all).
+    ``group``. ``samples``: the first N calibration samples (None: all). ``refit_basis``: when a
+    group's first member is reached, its basis is first re-derived (``rederive_basis``); that
+    member's report has ``basis_refit`` and its ``error_before`` is the one before the new basis.
     """
     by_member = {(i, p.kind): p for p in plans for i in p.layers}
     ids = ctx.calibration_ids[:samples]
@@ -164,10 +226,20 @@ def refit_sequential(
                     acc.add(x)
                 for kind in kinds:
                     plan = by_member[(i, kind)]
-                    groups.append(
-                        refit_group(
-                            layers, family, plan, acc.gram, originals, ctx.device, eps, (i,)
+                    before = None
+                    if refit_basis is not None and i == plan.layers[0]:
+                        before = member_error(layers, family, plan, i, acc.gram, originals)
+                        input_name = family.projection(kind).input
+                        others = [ctx.stats["gram"].gram(j, input_name) for j in plan.layers[1:]]
+                        rederive_basis(
+                            layers, family, plan, acc.gram, others, originals, ctx.device,
+                            refit_basis,
                         )
+                    report = refit_group(
+                        layers, family, plan, acc.gram, originals, ctx.device, eps, (i,)
                     )
+                    if before is not None:
+                        report.update(error_before=before, basis_refit=True)
+                    groups.append(report)
             # leaving the block: the runner propagates the refit layer's outputs
     return update_summary("layerwise", int(ids.numel()), groups)
