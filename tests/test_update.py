@@ -8,8 +8,9 @@ from conftest import make_tiny_model
 from omegaconf import OmegaConf
 
 from basis_sharing.calibration.grams import collect_grams
-from basis_sharing.linalg.factorization import concat_weights
+from basis_sharing.linalg.factorization import concat_weights, decompose_shared
 from basis_sharing.linalg.refit import output_error, refit_coefficients
+from basis_sharing.linalg.whitening import whiten
 from basis_sharing.methods.basis_sharing import SVDLLM, BasisSharing, BasisSharingMethodConfig
 from basis_sharing.methods.factorized import WhitenedSVDMethodConfig
 from basis_sharing.methods.registry import CompressionContext
@@ -181,3 +182,62 @@ def test_layerwise_refit_samples_uses_the_first_samples_only():
             module.basis.weight.detach().T, gram, originals[(i, report["kind"])]
         )
         torch.testing.assert_close(module.coefficient.weight.detach().T, oracle, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("family_name", "whitening"), [("llama", "cholesky"), ("opt", "cholesky"), ("llama", "eigh")]
+)
+def test_layerwise_refit_basis_rederives_each_basis_at_its_first_member(family_name, whitening):
+    """update=layerwise refit_basis=true: when a group's first member i is reached, its basis is
+    the whitened truncation of [W_i | ... | W_n] on M^_i (i's Gram in the finished model: nothing
+    after i changes it) plus the later members' ORIGINAL Grams; then every member's coefficients
+    are refit on its own final inputs as without the option. A private layer gets the whitened
+    truncation of its own deviated Gram: the best rank-k fit on those inputs."""
+    model, family, method, ctx = setup(
+        BasisSharing,
+        BasisSharingMethodConfig,
+        family_name,
+        update="layerwise",
+        refit_basis=True,
+        whitening=whitening,
+    )
+    original = ctx.stats["gram"]
+    originals = {
+        (i, k): family.weight(layer, k).detach().clone()
+        for i, layer in enumerate(family.layers(model))
+        for k in family.kinds
+    }
+    record = method.compress(model, family, ctx)
+    info = record["update"]
+    final = collect_grams(model, family, ctx.calibration_ids, 4, F64)
+    layers = family.layers(model)
+    plans = {(p["kind"], tuple(p["layers"])): p for p in record["groups"]}
+    rederived = {"shared": 0, "private": 0}
+    for report in info["groups"]:
+        (i,) = report["layers"]
+        kind = report["kind"]
+        members = tuple(report.get("group", report["layers"]))
+        module = family.module(layers[i], kind)
+        basis = module.basis.weight.detach().T
+        name = family.projection(kind).input
+        gram = final.group_gram((i,), name)
+        oracle_c = refit_coefficients(basis, gram, originals[(i, kind)])
+        torch.testing.assert_close(
+            module.coefficient.weight.detach().T, oracle_c, rtol=0, atol=1e-8
+        )
+        assert report.get("basis_refit", False) == (i == members[0])
+        if i != members[0]:
+            continue
+        joint = gram + sum((original.group_gram((j,), name) for j in members[1:]), 0)
+        white = whiten(joint, whitening, eps=method.cfg.eps)
+        dec = decompose_shared([originals[(j, kind)] for j in members], white.S, 0.0, whitening)
+        oracle_b, _ = dec.truncate(plans[(kind, members)]["rank"])
+        signs = torch.sign((basis * oracle_b).sum(dim=0))  # an SVD's columns have free signs
+        torch.testing.assert_close(basis, oracle_b * signs, rtol=1e-6, atol=1e-8)
+        if len(members) == 1:
+            rederived["private"] += 1
+            # the rank-k optimum on M^_i: never worse than the basis it replaced
+            assert report["error_after"] <= report["error_before"] * (1 + 1e-9) + 1e-12
+        else:
+            rederived["shared"] += 1
+    assert rederived["shared"] > 0 and rederived["private"] > 0

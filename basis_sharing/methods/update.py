@@ -232,7 +232,13 @@ def refit_sequential(
                         input_name = family.projection(kind).input
                         others = [ctx.stats["gram"].gram(j, input_name) for j in plan.layers[1:]]
                         rederive_basis(
-                            layers, family, plan, acc.gram, others, originals, ctx.device,
+                            layers,
+                            family,
+                            plan,
+                            acc.gram,
+                            others,
+                            originals,
+                            ctx.device,
                             refit_basis,
                         )
                     report = refit_group(
