@@ -468,8 +468,8 @@ PLUS_OPTIONS: dict[str, Any] = {
     "update": "layerwise",
     "whitening": "cholesky",
     "allocation": "uniform",
-    "sharing": "default",
-    "refit_basis": False,
+    "sharing": "auto",
+    "refit_basis": True,
     "refit_samples": None,
     "decomposition": "svd",
 }
@@ -491,6 +491,12 @@ def plus_rows() -> tuple[Row, ...]:
                 ratio,
                 label="SVD-LLM V2 recipe (global + eigh)",
                 **{**PLAIN, "whitening": "eigh", "allocation": "global/kind"},
+            ),
+            method_row(
+                "svd_llm",
+                ratio,
+                label="SVD-LLM + layerwise update + basis re-derivation",
+                **{**PLAIN, "update": "layerwise", "refit_basis": True, "refit_samples": None},
             ),
             method_row("basis_sharing", ratio, **bs),
             method_row(
@@ -524,7 +530,19 @@ def plus_rows() -> tuple[Row, ...]:
             method_row(
                 "basis_sharing",
                 ratio,
-                label="+ layerwise update = basis_sharing_plus",
+                label="+ layerwise update",
+                **{**bs, "update": "layerwise", "refit_samples": None, "decomposition": "svd"},
+            ),
+            method_row(
+                "basis_sharing",
+                ratio,
+                label="+ layerwise update + basis re-derivation",
+                **{**bs, "update": "layerwise", "refit_basis": True, "refit_samples": None},
+            ),
+            method_row(
+                "basis_sharing",
+                ratio,
+                label="+ auto sharing + layerwise + re-derivation = basis_sharing_plus",
                 **PLUS_OPTIONS,
             ),
         ]
