@@ -239,34 +239,17 @@ class BasisSharing(FactorizedMethod):
         originals: dict,
         ctx: CompressionContext,
     ) -> dict:
-        """The configured refit (``methods.options.UPDATES``), every basis fixed."""
+        """The configured refit (``methods.options.UPDATES``); with ``refit_basis`` the
+        layer-by-layer ones also refit the bases."""
         mode, eps = self.update_mode(), self.cfg.eps
         if mode == "one_pass":
             return refit_single_pass(model, family, plans, originals, ctx, eps)
+        args = (model, family, plans, originals, ctx, eps)
+        samples, refit_basis = self.cfg.get("refit_samples"), self.cfg.get("refit_basis", False)
         if mode == "sequential":
-            return refit_compensating(
-                model,
-                family,
-                plans,
-                originals,
-                ctx,
-                eps,
-                refit_basis=self.cfg.get("refit_basis", False),
-                samples=self.cfg.get("refit_samples"),
-            )
-        basis = None
-        if self.cfg.get("refit_basis", False):
-            basis = BasisRefit(self.whitening_kind(), eps, self.decomposition_choice())
-        return refit_sequential(
-            model,
-            family,
-            plans,
-            originals,
-            ctx,
-            eps,
-            samples=self.cfg.get("refit_samples"),
-            refit_basis=basis,
-        )
+            return refit_compensating(*args, refit_basis=refit_basis, samples=samples)
+        how = BasisRefit(self.whitening_kind(), eps, self.decomposition_choice())
+        return refit_sequential(*args, samples=samples, refit_basis=how if refit_basis else None)
 
 
 @register_method("svd_llm", schema=SVDLLMMethodConfig)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from basis_sharing.calibration.grams import GramAccumulator, collect_grams
 from basis_sharing.linalg.factorization import concat_weights, decompose_shared
 from basis_sharing.linalg.refit import output_error, refit_coefficients
-from basis_sharing.linalg.whitening import whiten
+from basis_sharing.linalg.whitening import DEFAULT_EPS, whiten
 from basis_sharing.methods.plan import GroupPlan
 from basis_sharing.methods.registry import CompressionContext
 from basis_sharing.models.families import FamilyAdapter
@@ -86,7 +86,7 @@ class BasisRefit:
     path (``method.whitening``, ``method.eps``, ``method.decomposition``)."""
 
     whitening: str = "cholesky"
-    eps: float = 7e-6
+    eps: float = DEFAULT_EPS
     path: str = "svd"
 
 
