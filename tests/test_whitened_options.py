@@ -218,6 +218,44 @@ def test_auto_shares_identical_layers_and_keeps_unrelated_ones_private():
         assert r["params_shared"] == pytest.approx(r["params_private"], rel=0.1)
 
 
+def test_auto_rule_candidates_decide_only_the_rule_s_shared_kinds():
+    # Identical layers: auto over every kind shares all seven; with auto_candidates=rule only the
+    # kinds the family shares after the GQA rule (tiny llama: k/v are 64 -> 32, narrow) are
+    # decided, with the very errors of the full choice, and the rest stay private untried.
+    ids = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(5))
+    reports = {}
+    for candidates in ("all", "rule"):
+        model, family, _ = setup(seed=0)
+        layers = family.layers(model)
+        with torch.no_grad():
+            for layer in layers[1:]:
+                layer.load_state_dict(layers[0].state_dict())
+        stats = collect_grams(model, family, ids, 4, F64)
+        bs = method(shared="auto", auto_candidates=candidates)
+        info = bs.compress(model, family, ctx(stats, 0.4))
+        reports[candidates] = {r["kind"]: r for r in info["sharing"]}
+        kinds = (set(info["shared_kinds"]), set(info["private_kinds"]))
+        reports[candidates]["kinds"] = kinds
+    rule_shared = {"q", "up", "gate"}
+    assert set(family.shared) - {"k", "v"} == rule_shared  # llama's default less the GQA rule
+    assert reports["all"]["kinds"] == (set(family.kinds), set())
+    assert reports["rule"]["kinds"] == (rule_shared, set(family.kinds) - rule_shared)
+    for kind in family.kinds:
+        rule = reports["rule"][kind]
+        if kind in rule_shared:
+            assert rule == reports["all"][kind] and rule["choice"] == "shared"
+        else:
+            assert rule == {"kind": kind, "choice": "private", "by_rule": True}
+
+
+def test_auto_candidates_are_checked():
+    with pytest.raises(ConfigError, match="all, rule|'all', 'rule'"):
+        method(shared="auto", auto_candidates="paper").check_config(get_family("llama"))
+    with pytest.raises(ConfigError, match="option of method.shared=auto"):
+        method(auto_candidates="rule").check_config(get_family("llama"))
+    method(shared="auto", auto_candidates="rule").check_config(get_family("llama"))
+
+
 def test_auto_errors_are_each_member_s_own_output_error():
     model, family, stats = setup()
     layers = family.layers(model)

@@ -27,7 +27,7 @@ from basis_sharing.methods.factorized import (
     check_kinds,
     check_positive,
 )
-from basis_sharing.methods.options import check_whitened_options
+from basis_sharing.methods.options import AUTO_CANDIDATES, check_whitened_options
 from basis_sharing.methods.plan import (
     REMAINDER_RANKS,
     GroupPlan,
@@ -49,6 +49,9 @@ class BasisSharingMethodConfig(WhitenedSVDMethodConfig):
     # shared or private has the lower calibration output error (docs/methods.md §10.3).
     shared: Any = None
     private: list[str] | None = None  # kinds with one basis per layer; None = family default
+    # shared=auto: the kinds it decides for. all: every compressed kind; rule: only those the
+    # family's default shares after the GQA rule (the others stay private, docs/methods.md §10.3).
+    auto_candidates: str = "all"
     remainder_rank: str = "nominal"  # smaller last group: "nominal" k (paper code) or "own"
     eps: float = 7e-6  # the Basis Sharing code's regulariser (SVD-LLM uses 1e-6)
 
@@ -87,6 +90,14 @@ class BasisSharing(FactorizedMethod):
             raise ConfigError(
                 f"method.shared={shared!r}: give a list of projection kinds, null (the family's "
                 "default) or auto."
+            )
+        candidates = self.cfg.get("auto_candidates", "all")
+        if candidates not in AUTO_CANDIDATES:
+            raise unknown_choice("method.auto_candidates", candidates, AUTO_CANDIDATES)
+        if candidates != "all" and not self.auto_sharing():
+            raise ConfigError(
+                f"method.auto_candidates={candidates} is an option of method.shared=auto "
+                f"(got method.shared={self.cfg.shared!r})."
             )
         if self.auto_sharing() and self.cfg.private is not None:
             raise ConfigError(
@@ -144,7 +155,11 @@ class BasisSharing(FactorizedMethod):
         layers = family.layers(model)
         remainder = self.cfg.get("remainder_rank", "nominal")
         report = []
+        candidates = self.auto_candidates(family, model)
         for kind in self.budget_kinds(family) or family.kinds:
+            if kind not in candidates:
+                report.append({"kind": kind, "choice": "private", "by_rule": True})
+                continue
             both = [
                 plan_groups(model, family, ctx.ratio, size, shared, private, remainder)
                 for size, shared, private in ((self.group_size(), (kind,), ()), (1, (), (kind,)))
@@ -161,6 +176,14 @@ class BasisSharing(FactorizedMethod):
         shared = tuple(r["kind"] for r in report if r["choice"] == "shared")
         self.chosen_kinds = (shared, tuple(r["kind"] for r in report if r["kind"] not in shared))
         self.sharing_report = report
+
+    def auto_candidates(self, family: FamilyAdapter, model: nn.Module) -> tuple[str, ...]:
+        """The kinds ``shared=auto`` decides for: every kind, or (``auto_candidates=rule``) the
+        family's default shared kinds less those the GQA rule makes private."""
+        if self.cfg.get("auto_candidates", "all") == "all":
+            return tuple(family.kinds)
+        narrow = narrow_kinds(family, model)
+        return tuple(k for k in family.shared if k not in narrow)
 
     def configured_kinds(self) -> tuple[list[str] | None, list[str] | None]:
         """``method.shared`` and ``method.private`` as given (None: not named).

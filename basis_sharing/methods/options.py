@@ -17,6 +17,8 @@ from basis_sharing.linalg.whitening import WHITENINGS
 UPDATES = ("none", "one_pass", "layerwise", "sequential")
 ALLOCATIONS = ("uniform", "global")
 ALLOCATION_SCOPES = ("kind", "all")
+# shared=auto decides for every compressed kind, or only for the kinds the family's rule shares.
+AUTO_CANDIDATES = ("all", "rule")
 
 # What ``update: true`` means for each method: its paper's own refit.
 OWN_UPDATE = {"svd_llm": "layerwise"}

@@ -168,6 +168,14 @@ def _allocation(method_cfg: dict[str, Any]) -> str | None:
     return f"global/{scope}" + ("/normalized" if method_cfg.get("allocation_normalize") else "")
 
 
+def _sharing(method_cfg: dict[str, Any]) -> str:
+    """default, auto, or auto/rule (``shared=auto auto_candidates=rule``, docs/methods.md §10.3)."""
+    if method_cfg.get("shared") != "auto":
+        return "default"
+    candidates = method_cfg.get("auto_candidates", "all")
+    return "auto" if candidates == "all" else f"auto/{candidates}"
+
+
 def record_row(record: dict[str, Any]) -> dict[str, Any]:
     """The store's view of one record: one flat dict of scalars."""
     config = section(record, Key.CONFIG)
@@ -187,7 +195,7 @@ def record_row(record: dict[str, Any]) -> dict[str, Any]:
         "update": _update(record.get(Key.METHOD) or method_cfg.get("name"), method_cfg),
         "whitening": method_cfg.get("whitening", "cholesky" if "eps" in method_cfg else None),
         "allocation": _allocation(method_cfg),
-        "sharing": "auto" if method_cfg.get("shared") == "auto" else "default",
+        "sharing": _sharing(method_cfg),
         # update=sequential's options (docs/methods.md §10.1); records before them: False / None.
         "refit_basis": bool(method_cfg.get("refit_basis", False)),
         "refit_samples": method_cfg.get("refit_samples"),
