@@ -171,6 +171,7 @@ ADDED_SINCE = {
     "refit_basis": False,
     "refit_samples": None,
     "decomposition": "svd",
+    "auto_candidates": "all",
 }
 # calibration.* settings added since then, at their defaults.
 CALIBRATION_ADDED_SINCE = {"forward_dtype": None, "memory_fraction": 0.85, "gram_device": "device"}
@@ -220,3 +221,20 @@ def test_basis_sharing_plus_is_what_its_table_row_selects():
     row = record_row({"method": "basis_sharing", "config": config})
     assert {key: row[key] for key in PLUS_OPTIONS} == PLUS_OPTIONS
     assert row["group_size"] == 2
+
+
+@pytest.mark.parametrize(
+    ("method_cfg", "sharing"),
+    [
+        ({}, "default"),
+        ({"shared": ["q", "up"]}, "default"),
+        ({"shared": "auto"}, "auto"),  # records from before auto_candidates
+        ({"shared": "auto", "auto_candidates": "all"}, "auto"),
+        ({"shared": "auto", "auto_candidates": "rule"}, "auto/rule"),
+    ],
+)
+def test_the_store_reads_the_sharing_choice(method_cfg, sharing):
+    from basis_sharing.tracking.store import record_row
+
+    config = {"method": {"name": "basis_sharing", **method_cfg}}
+    assert record_row({"method": "basis_sharing", "config": config})["sharing"] == sharing
