@@ -468,7 +468,7 @@ PLUS_OPTIONS: dict[str, Any] = {
     "update": "layerwise",
     "whitening": "cholesky",
     "allocation": "uniform",
-    "sharing": "auto",
+    "sharing": "auto/rule",
     "refit_basis": True,
     "refit_samples": None,
     "decomposition": "svd",
@@ -542,7 +542,13 @@ def plus_rows() -> tuple[Row, ...]:
             method_row(
                 "basis_sharing",
                 ratio,
-                label="+ auto sharing + layerwise + re-derivation = basis_sharing_plus",
+                label="+ auto sharing + layerwise + re-derivation",
+                **{**PLUS_OPTIONS, "sharing": "auto"},
+            ),
+            method_row(
+                "basis_sharing",
+                ratio,
+                label="+ auto (rule kinds) + layerwise + re-derivation = basis_sharing_plus",
                 **PLUS_OPTIONS,
             ),
         ]
