@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import make_tiny_model
@@ -14,6 +16,7 @@ from basis_sharing.linalg.whitening import whiten
 from basis_sharing.methods.basis_sharing import SVDLLM, BasisSharing, BasisSharingMethodConfig
 from basis_sharing.methods.factorized import WhitenedSVDMethodConfig
 from basis_sharing.methods.registry import CompressionContext
+from basis_sharing.methods.update import refit_sequential
 from basis_sharing.models.families import family_for_model_type
 
 F64 = torch.float64
@@ -241,3 +244,53 @@ def test_layerwise_refit_basis_rederives_each_basis_at_its_first_member(family_n
         else:
             rederived["shared"] += 1
     assert rederived["shared"] > 0 and rederived["private"] > 0
+
+
+def _layerwise(family_name, replay, monkeypatch, prepare=None):
+    """A layerwise refit with re-derived bases, the attention replay on or off."""
+    from basis_sharing.methods import basis_sharing as module
+
+    model, family, method, ctx = setup(
+        BasisSharing, BasisSharingMethodConfig, family_name, update="layerwise", refit_basis=True
+    )
+    if prepare is not None:
+        prepare(model, family)
+    monkeypatch.setattr(
+        module, "refit_sequential", functools.partial(refit_sequential, replay_attention=replay)
+    )
+    info = method.compress(model, family, ctx)["update"]
+    return model, info
+
+
+@pytest.mark.parametrize("family_name", ["llama", "opt", "gpt2", "qwen2", "gemma2"])
+def test_attention_replay_changes_no_number(family_name, monkeypatch):
+    """Replaying the attention as o(x_o) after o's input pass only skips recomputation: every
+    factor and every reported error is the same, bit for bit, as with each call run in full."""
+    full, info_full = _layerwise(family_name, False, monkeypatch)
+    replayed, info = _layerwise(family_name, True, monkeypatch)
+    assert info_full.pop("replayed_layers") == 0
+    assert info.pop("replayed_layers") == len(
+        family_for_model_type(full.config.model_type).layers(full)
+    )
+    assert info == info_full
+    a, b = full.state_dict(), replayed.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_attention_replay_falls_back_when_the_attention_does_more_than_o(monkeypatch):
+    """An attention whose output is not o's (here a forward hook rescales it) fails the exactness
+    check while its o input is recorded; the layer then runs in full, as without the replay."""
+
+    def rescale(model, family):
+        for layer in family.layers(model):
+            layer.self_attn.register_forward_hook(lambda _m, _a, out: (out[0] * 1.5, *out[1:]))
+
+    full, info_full = _layerwise("llama", False, monkeypatch, rescale)
+    replayed, info = _layerwise("llama", True, monkeypatch, rescale)
+    assert info.pop("replayed_layers") == 0
+    info_full.pop("replayed_layers")
+    assert info == info_full
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, replayed.state_dict()[key]), key

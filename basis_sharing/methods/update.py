@@ -39,8 +39,15 @@ from basis_sharing.linalg.refit import output_error, refit_coefficients
 from basis_sharing.linalg.whitening import DEFAULT_EPS, whiten
 from basis_sharing.methods.plan import GroupPlan
 from basis_sharing.methods.registry import CompressionContext
-from basis_sharing.models.families import FamilyAdapter
-from basis_sharing.runtime.sequential import BlockRunner, capture_input, token_batches
+from basis_sharing.models.families import ATTN_OUT, FamilyAdapter
+from basis_sharing.runtime.replay import AttentionReplay, attention_of
+from basis_sharing.runtime.sequential import (
+    Block,
+    BlockRunner,
+    call_layer,
+    capture_input,
+    token_batches,
+)
 
 
 def refit_group(
@@ -182,6 +189,33 @@ def update_runner(model: nn.Module, family: FamilyAdapter, ctx: CompressionConte
     return BlockRunner(model, family, device, hidden_device=device)
 
 
+def _attention_replay(
+    layer: nn.Module, family: FamilyAdapter, i: int, by_member: dict, block: Block
+) -> AttentionReplay | None:
+    """A replay of layer ``i``'s attention when its output projection is refit here (the pass
+    that records x_o is then run anyway) and sits inside an attention module."""
+    readers = [k for k in family.kinds_by_input().get(ATTN_OUT, ()) if (i, k) in by_member]
+    if len(readers) != 1:
+        return None
+    attention = attention_of(layer, family.projection(readers[0]).path)
+    if attention is None:
+        return None
+    return AttentionReplay(
+        attention, family.module(layer, readers[0]), block.session.runner.hidden_device
+    )
+
+
+def _replayed_outputs(block: Block, layer: nn.Module, replay: AttentionReplay) -> list:
+    """The refit layer's outputs, batch by batch, its attention replayed."""
+    (i,) = block.layers
+    store = block.session.runner.hidden_device
+    outputs = []
+    for b, (hidden, calls) in enumerate(block.inputs()):
+        with replay.replaying(b):
+            outputs.append(call_layer(layer, hidden, calls[i]).to(store))
+    return outputs
+
+
 def refit_sequential(
     model: nn.Module,
     family: FamilyAdapter,
@@ -191,6 +225,7 @@ def refit_sequential(
     eps: float,
     samples: int | None = None,
     refit_basis: BasisRefit | None = None,
+    replay_attention: bool = True,
 ) -> dict:
     """SVD-LLM's update: layer by layer on the outputs of the compressed, refit earlier layers.
 
@@ -202,12 +237,18 @@ def refit_sequential(
     ``group``. ``samples``: the first N calibration samples (None: all). ``refit_basis``: when a
     group's first member is reached, its basis is first re-derived (``rederive_basis``); that
     member's report has ``basis_refit`` and its ``error_before`` is the one before the new basis.
+
+    ``replay_attention``: once a layer's o input is recorded, its later calls (MLP input, MLP
+    hidden, the outputs that propagate) replay the attention as o(x_o) instead of recomputing
+    q/k/v and the attention (``runtime.replay``; the same numbers bit for bit, checked per
+    batch). The summary's ``replayed_layers`` counts the layers where it applied.
     """
     by_member = {(i, p.kind): p for p in plans for i in p.layers}
     ids = ctx.calibration_ids[:samples]
     runner = update_runner(model, family, ctx)
     layers = family.layers(model)
     groups = []
+    replayed = 0
     with (
         torch.no_grad(),
         runner.open(token_batches(ids, ctx.calib_batch_size), desc="update: layers") as session,
@@ -215,14 +256,25 @@ def refit_sequential(
         for block in session.blocks():
             (i,) = block.layers
             layer = block.modules[0]
-            for kinds in family.kinds_by_input().values():
+            replay = (
+                _attention_replay(layer, family, i, by_member, block) if replay_attention else None
+            )
+            for name, kinds in family.kinds_by_input().items():
                 kinds = [k for k in kinds if (i, k) in by_member]
                 if not kinds:
                     continue
                 acc = GramAccumulator(ctx.gram_dtype)
                 module = family.module(layer, kinds[0])
-                for hidden, calls in block.inputs():
-                    x, _ = capture_input(layer, module, hidden, calls[i], stop=True)
+                recording = replay is not None and name == ATTN_OUT
+                replaying = replay is not None and replay.ready
+                for b, (hidden, calls) in enumerate(block.inputs()):
+                    if recording:
+                        x = replay.record(layer, hidden, calls[i])
+                    elif replaying:
+                        with replay.replaying(b):
+                            x, _ = capture_input(layer, module, hidden, calls[i], stop=True)
+                    else:
+                        x, _ = capture_input(layer, module, hidden, calls[i], stop=True)
                     acc.add(x)
                 for kind in kinds:
                     plan = by_member[(i, kind)]
@@ -247,5 +299,8 @@ def refit_sequential(
                     if before is not None:
                         report.update(error_before=before, basis_refit=True)
                     groups.append(report)
+            if replay is not None and replay.ready:
+                block.outputs = _replayed_outputs(block, layer, replay)
+                replayed += 1
             # leaving the block: the runner propagates the refit layer's outputs
-    return update_summary("layerwise", int(ids.numel()), groups)
+    return {**update_summary("layerwise", int(ids.numel()), groups), "replayed_layers": replayed}

@@ -1,0 +1,127 @@
+"""Replaying a layer's attention from the cached input of its output projection.
+
+The layer-by-layer refit (``methods/update.py::refit_sequential``) runs each decoder layer once
+per input it refits: up to the attention output (o's input), then up to the MLP input, the MLP
+hidden state and finally to the end to propagate. Once q/k/v are refit, everything before o is
+fixed, so the later calls need not recompute q/k/v and the attention: the attention module's
+output is o(x_o) on the x_o recorded in the o-input pass. ``AttentionReplay`` records x_o per batch
+and, inside ``replaying(b)``, replaces the attention module's ``forward`` by one returning
+``o(x_o[b])`` (with the current o, so a refit o is seen), packed like the module's own output.
+
+Exactness is checked, not assumed: while recording, each batch's ``o(x_o)`` must equal (bit for
+bit) what the attention module returned; a family whose attention does anything after o (or
+calls it twice) fails the check and the layer is run in full as before. x_o costs one more copy of
+the hidden states per batch, on the runner's ``hidden_device``, for the layer being refit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from basis_sharing.runtime.sequential import LayerCall, call_layer
+
+
+class _Recorded(Exception):
+    """Raised by the attention's forward hook: the recording call needs nothing after it."""
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _pack(template: Any, first: torch.Tensor) -> Any:
+    """``first`` in the place of the attention output's first element (or as the output)."""
+    return (first, *template[1:]) if isinstance(template, tuple) else first
+
+
+class AttentionReplay:
+    """The attention outputs of one layer, batch by batch, replayed from o's cached input.
+
+    Args:
+        attention: the module whose output is o's output (the parent of the o projection).
+        o: the output projection inside it (called at replay time: its current weights count).
+        store: where the recorded x_o wait (the runner's ``hidden_device``).
+    """
+
+    def __init__(self, attention: nn.Module, o: nn.Module, store: torch.device) -> None:
+        self.attention = attention
+        self.o = o
+        self.store = store
+        self.inputs: list[torch.Tensor] = []
+        self.templates: list[Any] = []
+        self.exact = True
+
+    @property
+    def ready(self) -> bool:
+        """Every batch recorded so far replays exactly (at least one recorded)."""
+        return self.exact and bool(self.inputs)
+
+    def record(self, layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
+        """Run ``layer`` to the end of its attention on one batch; x_o (what o read) is returned
+        and kept, with the attention's output as the template of its replay."""
+        seen: list[torch.Tensor] = []
+        outputs: list[Any] = []
+
+        def pre_hook(_module: nn.Module, args: tuple) -> None:
+            seen.append(args[0].detach())
+
+        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+            outputs.append(output)
+            raise _Recorded
+
+        handles = [
+            self.o.register_forward_pre_hook(pre_hook),
+            self.attention.register_forward_hook(hook),
+        ]
+        try:
+            call_layer(layer, hidden, call)
+        except _Recorded:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not seen:
+            raise RuntimeError("the output projection was not called by the layer")
+        x = seen[0]
+        if len(seen) != 1 or len(outputs) != 1 or not torch.equal(self.o(x), _first(outputs[0])):
+            self.exact = False
+        if self.exact:
+            self.inputs.append(x.to(self.store))
+            self.templates.append(_pack(outputs[0], torch.empty(0)))
+        return x
+
+    @contextmanager
+    def replaying(self, batch: int) -> Iterator[None]:
+        """Inside: the attention module returns o(x_o) of ``batch`` instead of computing."""
+        if not self.ready:
+            raise RuntimeError("nothing to replay: no batch was recorded exactly")
+        x, template = self.inputs[batch], self.templates[batch]
+
+        def forward(*_args: Any, **_kwargs: Any) -> Any:
+            return _pack(template, self.o(x.to(_device(self.o))))
+
+        saved = self.attention.__dict__.get("forward")
+        self.attention.forward = forward
+        try:
+            yield
+        finally:
+            if saved is None:
+                del self.attention.forward
+            else:
+                self.attention.forward = saved
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def attention_of(layer: nn.Module, path: str) -> nn.Module | None:
+    """The module holding the projection at ``path`` inside ``layer`` (None: the layer itself,
+    where there is no attention module to replay)."""
+    head, _, _ = path.rpartition(".")
+    return layer.get_submodule(head) if head else None
