@@ -23,20 +23,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from basis_sharing.runtime.sequential import LayerCall, call_layer
+from basis_sharing.runtime.placement import module_device
+from basis_sharing.runtime.sequential import LayerCall, call_layer, forwards_replaced
 
 
 class _Recorded(Exception):
     """Raised by the attention's forward hook: the recording call needs nothing after it."""
 
 
-def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
+def _split(output: Any) -> tuple[torch.Tensor, tuple | None]:
+    """(the attention output's first element, the rest; None: the output is a tensor)."""
+    return (output[0], tuple(output[1:])) if isinstance(output, tuple) else (output, None)
 
 
-def _pack(template: Any, first: torch.Tensor) -> Any:
-    """``first`` in the place of the attention output's first element (or as the output)."""
-    return (first, *template[1:]) if isinstance(template, tuple) else first
+def _pack(first: torch.Tensor, rest: tuple | None) -> Any:
+    """An attention output like the recorded one, ``first`` in the place of its first element."""
+    return first if rest is None else (first, *rest)
 
 
 class AttentionReplay:
@@ -53,7 +55,7 @@ class AttentionReplay:
         self.o = o
         self.store = store
         self.inputs: list[torch.Tensor] = []
-        self.templates: list[Any] = []
+        self.rests: list[tuple | None] = []  # per batch, what the output holds after its first
         self.exact = True
 
     @property
@@ -63,7 +65,7 @@ class AttentionReplay:
 
     def record(self, layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
         """Run ``layer`` to the end of its attention on one batch; x_o (what o read) is returned
-        and kept, with the attention's output as the template of its replay."""
+        and kept, with what the attention's output holds besides o's output."""
         seen: list[torch.Tensor] = []
         outputs: list[Any] = []
 
@@ -88,11 +90,16 @@ class AttentionReplay:
         if not seen:
             raise RuntimeError("the output projection was not called by the layer")
         x = seen[0]
-        if len(seen) != 1 or len(outputs) != 1 or not torch.equal(self.o(x), _first(outputs[0])):
-            self.exact = False
+        # Once a batch failed, the layer runs in full: no later batch needs checking.
+        self.exact = (
+            self.exact
+            and len(seen) == 1
+            and len(outputs) == 1
+            and torch.equal(self.o(x), _split(outputs[0])[0])
+        )
         if self.exact:
             self.inputs.append(x.to(self.store))
-            self.templates.append(_pack(outputs[0], torch.empty(0)))
+            self.rests.append(_split(outputs[0])[1])
         return x
 
     @contextmanager
@@ -100,24 +107,13 @@ class AttentionReplay:
         """Inside: the attention module returns o(x_o) of ``batch`` instead of computing."""
         if not self.ready:
             raise RuntimeError("nothing to replay: no batch was recorded exactly")
-        x, template = self.inputs[batch], self.templates[batch]
+        x, rest = self.inputs[batch], self.rests[batch]
 
         def forward(*_args: Any, **_kwargs: Any) -> Any:
-            return _pack(template, self.o(x.to(_device(self.o))))
+            return _pack(self.o(x.to(module_device(self.o))), rest)
 
-        saved = self.attention.__dict__.get("forward")
-        self.attention.forward = forward
-        try:
+        with forwards_replaced([self.attention], lambda _index: forward):
             yield
-        finally:
-            if saved is None:
-                del self.attention.forward
-            else:
-                self.attention.forward = saved
-
-
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 def attention_of(layer: nn.Module, path: str) -> nn.Module | None:
