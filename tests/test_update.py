@@ -246,6 +246,46 @@ def test_layerwise_refit_basis_rederives_each_basis_at_its_first_member(family_n
     assert rederived["shared"] > 0 and rederived["private"] > 0
 
 
+def test_layerwise_refit_basis_with_refit_samples_weighs_every_member_alike():
+    """refit_samples=4 of 8 with refit_basis: the first member's deviated Gram covers half the
+    tokens of the later members' original Grams, so it is doubled in the group's sum before the
+    whitened truncation (unscaled, the first member would count half as much as the others)."""
+    model, family, method, ctx = setup(
+        BasisSharing,
+        BasisSharingMethodConfig,
+        update="layerwise",
+        refit_basis=True,
+        refit_samples=4,
+    )
+    original = ctx.stats["gram"]
+    originals = {
+        (i, k): family.weight(layer, k).detach().clone()
+        for i, layer in enumerate(family.layers(model))
+        for k in family.kinds
+    }
+    record = method.compress(model, family, ctx)
+    final = collect_grams(model, family, ctx.calibration_ids[:4], 4, F64)
+    assert original.tokens == 2 * final.tokens
+    layers = family.layers(model)
+    ranks = {(p["kind"], tuple(p["layers"])): p["rank"] for p in record["groups"]}
+    shared = 0
+    for report in record["update"]["groups"]:
+        members = tuple(report.get("group", report["layers"]))
+        (i,) = report["layers"]
+        if len(members) == 1 or i != members[0]:
+            continue
+        kind, name = report["kind"], family.projection(report["kind"]).input
+        joint = 2.0 * final.group_gram((i,), name) + original.group_gram(members[1:], name)
+        white = whiten(joint, "cholesky", eps=method.cfg.eps)
+        dec = decompose_shared([originals[(j, kind)] for j in members], white.S, 0.0)
+        oracle, _ = dec.truncate(ranks[(kind, members)])
+        basis = family.module(layers[i], kind).basis.weight.detach().T
+        signs = torch.sign((basis * oracle).sum(dim=0))
+        torch.testing.assert_close(basis, oracle * signs, rtol=1e-6, atol=1e-8)
+        shared += 1
+    assert shared > 0
+
+
 def _layerwise(family_name, replay, monkeypatch, prepare=None):
     """A layerwise refit with re-derived bases, the attention replay on or off."""
     from basis_sharing.methods import basis_sharing as module

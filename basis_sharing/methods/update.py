@@ -111,8 +111,9 @@ def rederive_basis(
     is reached (docs/methods.md §10.1).
 
     The first member's Gram is its deviated one, ``deviated`` (its inputs inside the compressed,
-    refit model so far); the later members' inputs are not known yet (they depend on this
-    layer's new factors), so their original Grams ``original_grams`` stand in. The basis and
+    refit model so far, on the original Grams' token scale: ``on_calibration_scale``); the later
+    members' inputs are not known yet (they depend on this layer's new factors), so their original
+    Grams ``original_grams`` stand in. The basis and
     every member's coefficients are replaced at the plan's rank; a private layer (a group of one)
     gets the whitened truncation of its deviated Gram, the best rank-k fit on those inputs.
     """
@@ -131,6 +132,15 @@ def rederive_basis(
         for module, c in zip(modules, coefficients, strict=True):
             weight = module.coefficient.weight
             weight.copy_(c.T.to(weight.device, weight.dtype))
+
+
+def on_calibration_scale(acc: GramAccumulator, tokens: int) -> torch.Tensor:
+    """``acc``'s Gram as if summed over the calibration's ``tokens``: with ``refit_samples`` the
+    deviated Gram covers fewer tokens than the original Grams it is added to, and each member
+    must weigh alike in the group's sum. Unscaled (the same tensor) when the counts agree."""
+    if acc.tokens == tokens:
+        return acc.gram
+    return acc.gram * (tokens / acc.tokens)
 
 
 def member_error(layers, family, plan: GroupPlan, i: int, gram, originals: dict) -> float:
@@ -287,7 +297,7 @@ def refit_sequential(
                             layers,
                             family,
                             plan,
-                            acc.gram,
+                            on_calibration_scale(acc, ctx.stats["gram"].tokens),
                             others,
                             originals,
                             ctx.device,
