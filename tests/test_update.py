@@ -286,6 +286,41 @@ def test_layerwise_refit_basis_with_refit_samples_weighs_every_member_alike():
     assert shared > 0
 
 
+@pytest.mark.parametrize(
+    ("method_cls", "schema", "family_name"),
+    [(BasisSharing, BasisSharingMethodConfig, f) for f in ("llama", "opt", "gpt2", "qwen2")]
+    + [(SVDLLM, WhitenedSVDMethodConfig, "llama")],
+)
+def test_refit_basis_first_pass_installs_shapes_only(method_cls, schema, family_name, monkeypatch):
+    """update=layerwise refit_basis=true re-derives every factor before it is used, so the first
+    pass only installs zeros of the planned ranks: the compressed model is the same, bit for bit,
+    as after a first pass that decomposed every group, and so is every error after the refit."""
+    kw = {"update": "layerwise", "refit_basis": True}
+    model, family, method, ctx = setup(method_cls, schema, family_name, **kw)
+    assert method.update_derives_every_factor()
+    record = method.compress(model, family, ctx)
+    monkeypatch.setattr(method_cls, "update_derives_every_factor", lambda self: False)
+    decomposed, _, method, ctx = setup(method_cls, schema, family_name, **kw)
+    reference = method.compress(decomposed, family, ctx)
+    assert (record["first_pass_decomposed"], reference["first_pass_decomposed"]) == (False, True)
+    a, b = model.state_dict(), decomposed.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    after = [(g["kind"], g["layers"], g["error_after"]) for g in record["update"]["groups"]]
+    assert after == [(g["kind"], g["layers"], g["error_after"]) for g in reference["update"]["groups"]]
+    assert record["planned_params"] == reference["planned_params"]
+
+
+def test_first_pass_decomposes_unless_the_update_rederives_every_basis():
+    """Without refit_basis (or with another update) the layerwise refit keeps the first pass's
+    bases, so they are decomposed as before."""
+    for kw in ({"update": "layerwise"}, {"update": "one_pass", "refit_basis": True}):
+        model, family, method, ctx = setup(BasisSharing, BasisSharingMethodConfig, **kw)
+        assert not method.update_derives_every_factor()
+        assert method.compress(model, family, ctx)["first_pass_decomposed"]
+
+
 def _layerwise(family_name, replay, monkeypatch, prepare=None):
     """A layerwise refit with re-derived bases, the attention replay on or off."""
     from basis_sharing.methods import basis_sharing as module
@@ -321,7 +356,9 @@ def test_attention_replay_changes_no_number(family_name, monkeypatch):
 
 def test_attention_replay_falls_back_when_the_attention_does_more_than_o(monkeypatch):
     """An attention whose output is not o's (here a forward hook rescales it) fails the exactness
-    check while its o input is recorded; the layer then runs in full, as without the replay."""
+    check while its o input is recorded; the layer then runs in full, as without the replay.
+    With refit_basis the first pass installs placeholders (``placeholder_factors``): the check
+    runs on one of them, which must not be zero (against a zero o any attention would pass)."""
 
     def rescale(model, family):
         for layer in family.layers(model):

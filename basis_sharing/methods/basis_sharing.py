@@ -271,8 +271,19 @@ class BasisSharing(FactorizedMethod):
         samples, refit_basis = self.cfg.get("refit_samples"), self.cfg.get("refit_basis", False)
         if mode == "sequential":
             return refit_compensating(*args, refit_basis=refit_basis, samples=samples)
-        how = BasisRefit(self.whitening_kind(), eps, self.decomposition_choice())
+        how = BasisRefit(
+            self.whitening_kind(),
+            eps,
+            self.decomposition_choice(),
+            replaces_decomposed=not self.update_derives_every_factor(),
+        )
         return refit_sequential(*args, samples=samples, refit_basis=how if refit_basis else None)
+
+    def update_derives_every_factor(self) -> bool:
+        """``update=layerwise refit_basis=true``: every group is re-derived at its first member
+        and every member refit when its layer is reached, before any later layer runs, so the
+        first pass's factors would never be used (docs/methods.md §10.1)."""
+        return self.update_mode() == "layerwise" and bool(self.cfg.get("refit_basis", False))
 
 
 @register_method("svd_llm", schema=SVDLLMMethodConfig)

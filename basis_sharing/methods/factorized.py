@@ -150,12 +150,18 @@ class FactorizedMethod(CompressionMethod):
     ) -> dict:
         raise NotImplementedError(f"method {self.name} has no update step")
 
+    def update_derives_every_factor(self) -> bool:
+        """Whether the update replaces every factor before any is used, so the first pass
+        need only install the planned shapes (``apply(..., decompose=False)``)."""
+        return False
+
     # ---- the shared procedure ------------------------------------------------------------
     def compress(self, model: nn.Module, family: FamilyAdapter, ctx: CompressionContext) -> dict:
         plans = self.plan(model, family, ctx)
         updating = self.update_mode() != "none"
         originals = snapshot_weights(model, family) if updating else {}
-        info = self.apply(model, family, plans, ctx)
+        decompose = not (updating and self.update_derives_every_factor())
+        info = self.apply(model, family, plans, ctx, decompose)
         if originals:
             info["update"] = self.update(model, family, plans, originals, ctx)
         return info
@@ -166,13 +172,25 @@ class FactorizedMethod(CompressionMethod):
         family: FamilyAdapter,
         plans: list[GroupPlan],
         ctx: CompressionContext,
+        decompose: bool = True,
     ) -> dict:
-        """Scale, decompose and truncate every group of ``plans``; replace the projections."""
+        """Scale, decompose and truncate every group of ``plans``; replace the projections.
+
+        ``decompose=False`` (an update that derives every factor itself): each group gets
+        placeholder factors of its planned rank instead (the same modules and parameter count, no
+        decomposition computed): seeded random ones at a layer's scale, not zeros, because the
+        attention replay's exactness check runs o before its refit (``runtime/replay.py``), and
+        against a zero o it would pass for any attention.
+        """
         layers = family.layers(model)
         dense_total = dense_projection_weights(model, family)
         shared, private = self.kinds(family, model)  # before surgery: it may read the shapes
         fallbacks: list[dict] = []
+        seed = torch.Generator().manual_seed(0)
         for plan in tqdm(plans, desc=f"{self.name}: decompose", unit="group", leave=False):
+            if not decompose:
+                install(model, layers, family, plan, *placeholder_factors(plan, seed))
+                continue
             dec = self.decomposition(layers, family, plan, ctx)
             if dec.shift:
                 fallbacks.append(
@@ -191,6 +209,7 @@ class FactorizedMethod(CompressionMethod):
             "planned_params": planned_params(plans, dense_total),
             "whitening_fallbacks": len(fallbacks),
             "whitening_fallback_groups": fallbacks,
+            "first_pass_decomposed": decompose,
         }
 
     def decomposition(self, layers, family, plan: GroupPlan, ctx: CompressionContext):
@@ -211,6 +230,18 @@ class FactorizedMethod(CompressionMethod):
         key = (run_key, self.name, tag, plan.kind, plan.layers)
         budget = self.cfg.get("decomposition_cache_mb", 0)
         return ctx.caches.decompositions.get(key, compute, budget).to(device)
+
+
+def placeholder_factors(
+    plan: GroupPlan, generator: torch.Generator
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Random B (d_in, k) and C_j (k, d_out) with x B C_j about as large as x."""
+    basis = torch.randn(plan.d_in, plan.rank, generator=generator) / plan.d_in**0.5
+    coefficients = [
+        torch.randn(plan.rank, plan.d_out, generator=generator) / plan.rank**0.5
+        for _ in plan.layers
+    ]
+    return basis, coefficients
 
 
 def install(model, layers, family, plan: GroupPlan, basis, coefficients) -> None:

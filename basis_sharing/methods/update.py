@@ -95,6 +95,9 @@ class BasisRefit:
     whitening: str = "cholesky"
     eps: float = DEFAULT_EPS
     path: str = "svd"
+    # Whether the factors being replaced came from the first pass's decomposition (then the
+    # member's error with them is reported); False: the first pass installed zeros.
+    replaces_decomposed: bool = True
 
 
 def rederive_basis(
@@ -246,7 +249,9 @@ def refit_sequential(
     layer's Gram (the basis fixed), so one report per member: a shared member's names its
     ``group``. ``samples``: the first N calibration samples (None: all). ``refit_basis``: when a
     group's first member is reached, its basis is first re-derived (``rederive_basis``); that
-    member's report has ``basis_refit`` and its ``error_before`` is the one before the new basis.
+    member's report has ``basis_refit`` and its ``error_before`` is the one before the new basis
+    (with ``refit_basis.replaces_decomposed=False`` the first pass installed zeros, and it is the
+    error of the re-derived factors before the coefficient refit).
 
     ``replay_attention``: once a layer's o input is recorded, its later calls (MLP input, MLP
     hidden, the outputs that propagate) replay the attention as o(x_o) instead of recomputing
@@ -290,7 +295,8 @@ def refit_sequential(
                     plan = by_member[(i, kind)]
                     before = None
                     if refit_basis is not None and i == plan.layers[0]:
-                        before = member_error(layers, family, plan, i, acc.gram, originals)
+                        if refit_basis.replaces_decomposed:
+                            before = member_error(layers, family, plan, i, acc.gram, originals)
                         input_name = family.projection(kind).input
                         others = [ctx.stats["gram"].gram(j, input_name) for j in plan.layers[1:]]
                         rederive_basis(
@@ -306,9 +312,13 @@ def refit_sequential(
                     report = refit_group(
                         layers, family, plan, acc.gram, originals, ctx.device, eps, (i,)
                     )
+                    if refit_basis is not None and i == plan.layers[0]:
+                        report["basis_refit"] = True
                     if before is not None:
-                        report.update(error_before=before, basis_refit=True)
+                        report["error_before"] = before
                     groups.append(report)
+                if recording and replay.ready:
+                    replay.freeze()  # o is refit: nothing in the attention changes any more
             if replay is not None and replay.ready:
                 block.outputs = _replayed_outputs(block, layer, replay)
                 replayed += 1

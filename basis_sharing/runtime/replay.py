@@ -10,8 +10,10 @@ and, inside ``replaying(b)``, replaces the attention module's ``forward`` by one
 
 Exactness is checked, not assumed: while recording, each batch's ``o(x_o)`` must equal (bit for
 bit) what the attention module returned; a family whose attention does anything after o (or
-calls it twice) fails the check and the layer is run in full as before. x_o costs one more copy of
-the hidden states per batch, on the runner's ``hidden_device``, for the layer being refit.
+calls it twice) fails the check and the layer is run in full as before. Once o itself is refit,
+``freeze`` replaces each x_o by o(x_o), so the later calls of the layer run no attention matmul.
+x_o (then o(x_o)) costs one more copy of the hidden states per batch, on the runner's
+``hidden_device``, for the layer being refit.
 """
 
 from __future__ import annotations
@@ -56,12 +58,13 @@ class AttentionReplay:
         self.store = store
         self.inputs: list[torch.Tensor] = []
         self.rests: list[tuple | None] = []  # per batch, what the output holds after its first
+        self.outputs: list[torch.Tensor] | None = None  # o(x_o) per batch, once frozen
         self.exact = True
 
     @property
     def ready(self) -> bool:
         """Every batch recorded so far replays exactly (at least one recorded)."""
-        return self.exact and bool(self.inputs)
+        return self.exact and bool(self.inputs or self.outputs)
 
     def record(self, layer: nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
         """Run ``layer`` to the end of its attention on one batch; x_o (what o read) is returned
@@ -102,15 +105,29 @@ class AttentionReplay:
             self.rests.append(_split(outputs[0])[1])
         return x
 
+    def freeze(self) -> None:
+        """o is final (refit): compute o(x_o) once per batch and replay that from now on, in
+        place of x_o (the same memory); the later calls then run no attention matmul at all."""
+        if not self.ready:
+            raise RuntimeError("nothing to freeze: no batch was recorded exactly")
+        device = module_device(self.o)
+        self.outputs = [self.o(x.to(device)).to(self.store) for x in self.inputs]
+        self.inputs = []
+
     @contextmanager
     def replaying(self, batch: int) -> Iterator[None]:
-        """Inside: the attention module returns o(x_o) of ``batch`` instead of computing."""
+        """Inside: the attention module returns o(x_o) of ``batch`` instead of computing
+        (with the current o, or the outputs ``freeze`` computed)."""
         if not self.ready:
             raise RuntimeError("nothing to replay: no batch was recorded exactly")
-        x, rest = self.inputs[batch], self.rests[batch]
+        rest = self.rests[batch]
+        frozen = None if self.outputs is None else self.outputs[batch]
+        x = self.inputs[batch] if frozen is None else None
 
         def forward(*_args: Any, **_kwargs: Any) -> Any:
-            return _pack(self.o(x.to(module_device(self.o))), rest)
+            device = module_device(self.o)
+            first = self.o(x.to(device)) if frozen is None else frozen.to(device)
+            return _pack(first, rest)
 
         with forwards_replaced([self.attention], lambda _index: forward):
             yield
