@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import make_tiny_model
@@ -323,7 +325,7 @@ def test_first_pass_decomposes_unless_the_update_rederives_every_basis():
 
 
 def _layerwise(family_name, replay, monkeypatch, prepare=None):
-    """A layerwise refit with re-derived bases, the attention and MLP replays on or off."""
+    """A layerwise refit with re-derived bases, the attention replay on or off."""
     from basis_sharing.methods import basis_sharing as module
 
     model, family, method, ctx = setup(
@@ -331,28 +333,23 @@ def _layerwise(family_name, replay, monkeypatch, prepare=None):
     )
     if prepare is not None:
         prepare(model, family)
-
-    def forced(*args, **kwargs):
-        return refit_sequential(
-            *args, **{**kwargs, "replay_attention": replay, "replay_mlp": replay}
-        )
-
-    monkeypatch.setattr(module, "refit_sequential", forced)
+    monkeypatch.setattr(
+        module, "refit_sequential", functools.partial(refit_sequential, replay_attention=replay)
+    )
     info = method.compress(model, family, ctx)["update"]
     return model, info
 
 
 @pytest.mark.parametrize("family_name", ["llama", "opt", "gpt2", "qwen2", "gemma2"])
-def test_replays_change_no_number(family_name, monkeypatch):
-    """Replaying the attention as o(x_o) after o's input pass, and the MLP as down(x_down) after
-    down's, only skips recomputation: every factor and every reported error is the same, bit for
-    bit, as with each call run in full. OPT computes its MLP inline (no module to replay)."""
+def test_attention_replay_changes_no_number(family_name, monkeypatch):
+    """Replaying the attention as o(x_o) after o's input pass only skips recomputation: every
+    factor and every reported error is the same, bit for bit, as with each call run in full."""
     full, info_full = _layerwise(family_name, False, monkeypatch)
     replayed, info = _layerwise(family_name, True, monkeypatch)
-    n_layers = len(family_for_model_type(full.config.model_type).layers(full))
-    assert (info_full.pop("replayed_layers"), info_full.pop("replayed_mlps")) == (0, 0)
-    mlps = 0 if family_name == "opt" else n_layers
-    assert (info.pop("replayed_layers"), info.pop("replayed_mlps")) == (n_layers, mlps)
+    assert info_full.pop("replayed_layers") == 0
+    assert info.pop("replayed_layers") == len(
+        family_for_model_type(full.config.model_type).layers(full)
+    )
     assert info == info_full
     a, b = full.state_dict(), replayed.state_dict()
     assert a.keys() == b.keys()
@@ -360,47 +357,20 @@ def test_replays_change_no_number(family_name, monkeypatch):
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("where", ["self_attn", "mlp"])
-def test_replay_falls_back_when_the_module_does_more_than_its_projection(where, monkeypatch):
-    """An attention (or MLP) whose output is not o's (down's), here rescaled by a forward hook,
-    fails the exactness check while that projection's input is recorded; that module then runs
-    in full, as without the replay, and the other one still replays. With refit_basis the first
-    pass installs placeholders (``placeholder_factors``): the check runs on one of them, which
-    must not be zero (against a zero projection any module would pass)."""
+def test_attention_replay_falls_back_when_the_attention_does_more_than_o(monkeypatch):
+    """An attention whose output is not o's (here a forward hook rescales it) fails the exactness
+    check while its o input is recorded; the layer then runs in full, as without the replay.
+    With refit_basis the first pass installs placeholders (``placeholder_factors``): the check
+    runs on one of them, which must not be zero (against a zero o any attention would pass)."""
 
     def rescale(model, family):
         for layer in family.layers(model):
-            hook = (
-                (lambda _m, _a, out: (out[0] * 1.5, *out[1:]))
-                if where == "self_attn"
-                else (lambda _m, _a, out: out * 1.5)
-            )
-            getattr(layer, where).register_forward_hook(hook)
+            layer.self_attn.register_forward_hook(lambda _m, _a, out: (out[0] * 1.5, *out[1:]))
 
     full, info_full = _layerwise("llama", False, monkeypatch, rescale)
     replayed, info = _layerwise("llama", True, monkeypatch, rescale)
-    counts = (info.pop("replayed_layers"), info.pop("replayed_mlps"))
-    assert counts == ((0, 4) if where == "self_attn" else (4, 0))
-    info_full.pop("replayed_layers"), info_full.pop("replayed_mlps")
+    assert info.pop("replayed_layers") == 0
+    info_full.pop("replayed_layers")
     assert info == info_full
     for key, value in full.state_dict().items():
         assert torch.equal(value, replayed.state_dict()[key]), key
-
-
-def test_refit_replay_mlp_false_recomputes_the_mlp():
-    """method.refit_replay_mlp=false (less memory): no MLP is replayed, the model is the same."""
-    models = []
-    for flag in (True, False):
-        model, family, method, ctx = setup(
-            BasisSharing,
-            BasisSharingMethodConfig,
-            update="layerwise",
-            refit_basis=True,
-            refit_replay_mlp=flag,
-        )
-        info = method.compress(model, family, ctx)["update"]
-        assert info["replayed_mlps"] == (len(family.layers(model)) if flag else 0)
-        assert info["replayed_layers"] == len(family.layers(model))
-        models.append(model.state_dict())
-    for key, value in models[0].items():
-        assert torch.equal(value, models[1][key]), key

@@ -65,9 +65,6 @@ class WhitenedSVDMethodConfig(FactorizedMethodConfig):
     # at its first member on the deviated Gram
     refit_basis: bool = False
     refit_samples: int | None = None  # sequential, layerwise: the first N calibration samples
-    # layerwise: keep the refit layer's MLP hidden state (d_ff wide) until down is refit, to
-    # replay the MLP in the propagation instead of recomputing up/gate (same numbers)
-    refit_replay_mlp: bool = True
     whitening: str = "cholesky"  # or eigh (SVD-LLM V2: clamped eigenvalues)
     # Ranks: uniform (the papers' rule per group) or global (largest whitened energy per
     # parameter, docs/methods.md §10.2), within each kind or across all kinds (allocation_scope).

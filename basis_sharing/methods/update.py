@@ -27,8 +27,6 @@ device under ``runtime=full``. The numbers are the same.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +39,8 @@ from basis_sharing.linalg.refit import output_error, refit_coefficients
 from basis_sharing.linalg.whitening import DEFAULT_EPS, whiten
 from basis_sharing.methods.plan import GroupPlan
 from basis_sharing.methods.registry import CompressionContext
-from basis_sharing.models.families import ATTN_OUT, MLP_HIDDEN, FamilyAdapter
-from basis_sharing.runtime.replay import OutputReplay, parent_of
+from basis_sharing.models.families import ATTN_OUT, FamilyAdapter
+from basis_sharing.runtime.replay import AttentionReplay, attention_of
 from basis_sharing.runtime.sequential import (
     Block,
     BlockRunner,
@@ -204,39 +202,29 @@ def update_runner(model: nn.Module, family: FamilyAdapter, ctx: CompressionConte
     return BlockRunner(model, family, device, hidden_device=device)
 
 
-def _replay(
-    layer: nn.Module, family: FamilyAdapter, i: int, by_member: dict, block: Block, input: str
-) -> OutputReplay | None:
-    """A replay of the module whose output is that of the one projection reading ``input`` in
-    layer ``i`` (o for the attention output, down for the MLP hidden state), when that
-    projection is refit here (the pass that records its input is then run anyway) and sits
-    inside such a module."""
-    readers = [k for k in family.kinds_by_input().get(input, ()) if (i, k) in by_member]
+def _attention_replay(
+    layer: nn.Module, family: FamilyAdapter, i: int, by_member: dict, block: Block
+) -> AttentionReplay | None:
+    """A replay of layer ``i``'s attention when its output projection is refit here (the pass
+    that records x_o is then run anyway) and sits inside an attention module."""
+    readers = [k for k in family.kinds_by_input().get(ATTN_OUT, ()) if (i, k) in by_member]
     if len(readers) != 1:
         return None
-    parent = parent_of(layer, family.projection(readers[0]).path)
-    if parent is None:
+    attention = attention_of(layer, family.projection(readers[0]).path)
+    if attention is None:
         return None
-    store = block.session.runner.hidden_device
-    return OutputReplay(parent, family.module(layer, readers[0]), store)
+    return AttentionReplay(
+        attention, family.module(layer, readers[0]), block.session.runner.hidden_device
+    )
 
 
-@contextmanager
-def _replaying(replays: list[OutputReplay], batch: int) -> Iterator[None]:
-    """Inside: each of ``replays`` replays its module on ``batch``."""
-    with ExitStack() as stack:
-        for replay in replays:
-            stack.enter_context(replay.replaying(batch))
-        yield
-
-
-def _replayed_outputs(block: Block, layer: nn.Module, replays: list[OutputReplay]) -> list:
-    """The refit layer's outputs, batch by batch, its ready modules replayed."""
+def _replayed_outputs(block: Block, layer: nn.Module, replay: AttentionReplay) -> list:
+    """The refit layer's outputs, batch by batch, its attention replayed."""
     (i,) = block.layers
     store = block.session.runner.hidden_device
     outputs = []
     for b, (hidden, calls) in enumerate(block.inputs()):
-        with _replaying(replays, b):
+        with replay.replaying(b):
             outputs.append(call_layer(layer, hidden, calls[i]).to(store))
     return outputs
 
@@ -251,7 +239,6 @@ def refit_sequential(
     samples: int | None = None,
     refit_basis: BasisRefit | None = None,
     replay_attention: bool = True,
-    replay_mlp: bool = True,
 ) -> dict:
     """SVD-LLM's update: layer by layer on the outputs of the compressed, refit earlier layers.
 
@@ -263,24 +250,20 @@ def refit_sequential(
     ``group``. ``samples``: the first N calibration samples (None: all). ``refit_basis``: when a
     group's first member is reached, its basis is first re-derived (``rederive_basis``); that
     member's report has ``basis_refit`` and its ``error_before`` is the one before the new basis
-    (with ``refit_basis.replaces_decomposed=False`` the first pass installed placeholders, and it
-    is the error of the re-derived factors before the coefficient refit).
+    (with ``refit_basis.replaces_decomposed=False`` the first pass installed zeros, and it is the
+    error of the re-derived factors before the coefficient refit).
 
     ``replay_attention``: once a layer's o input is recorded, its later calls (MLP input, MLP
     hidden, the outputs that propagate) replay the attention as o(x_o) instead of recomputing
     q/k/v and the attention (``runtime.replay``; the same numbers bit for bit, checked per
-    batch), and once o is refit, o(x_o) is computed once and kept. ``replay_mlp``: likewise the
-    MLP from down's recorded input, for the propagation (x_down is d_ff wide: more memory until
-    down is refit). The summary's ``replayed_layers`` and ``replayed_mlps`` count the layers
-    where each applied.
+    batch). The summary's ``replayed_layers`` counts the layers where it applied.
     """
     by_member = {(i, p.kind): p for p in plans for i in p.layers}
     ids = ctx.calibration_ids[:samples]
     runner = update_runner(model, family, ctx)
     layers = family.layers(model)
     groups = []
-    replayed = dict.fromkeys((ATTN_OUT, MLP_HIDDEN), 0)
-    wanted = {ATTN_OUT: replay_attention, MLP_HIDDEN: replay_mlp}
+    replayed = 0
     with (
         torch.no_grad(),
         runner.open(token_batches(ids, ctx.calib_batch_size), desc="update: layers") as session,
@@ -288,26 +271,25 @@ def refit_sequential(
         for block in session.blocks():
             (i,) = block.layers
             layer = block.modules[0]
-            replays = {
-                name: _replay(layer, family, i, by_member, block, name)
-                for name, on in wanted.items()
-                if on
-            }
+            replay = (
+                _attention_replay(layer, family, i, by_member, block) if replay_attention else None
+            )
             for name, kinds in family.kinds_by_input().items():
                 kinds = [k for k in kinds if (i, k) in by_member]
                 if not kinds:
                     continue
                 acc = GramAccumulator(ctx.gram_dtype)
                 module = family.module(layer, kinds[0])
-                recorder = replays.get(name)
-                # Only modules before this input are ready: each is recorded at its own input.
-                ready = [r for r in replays.values() if r is not None and r.ready]
+                recording = replay is not None and name == ATTN_OUT
+                replaying = replay is not None and replay.ready
                 for b, (hidden, calls) in enumerate(block.inputs()):
-                    with _replaying(ready, b):
-                        if recorder is not None:
-                            x = recorder.record(layer, hidden, calls[i])
-                        else:
+                    if recording:
+                        x = replay.record(layer, hidden, calls[i])
+                    elif replaying:
+                        with replay.replaying(b):
                             x, _ = capture_input(layer, module, hidden, calls[i], stop=True)
+                    else:
+                        x, _ = capture_input(layer, module, hidden, calls[i], stop=True)
                     acc.add(x)
                 for kind in kinds:
                     plan = by_member[(i, kind)]
@@ -335,16 +317,10 @@ def refit_sequential(
                     if before is not None:
                         report["error_before"] = before
                     groups.append(report)
-                if recorder is not None and recorder.ready:
-                    recorder.freeze()  # its projection is refit: the module's output is final
-            ready = {n: r for n, r in replays.items() if r is not None and r.ready}
-            if ready:
-                block.outputs = _replayed_outputs(block, layer, list(ready.values()))
-                for n in ready:
-                    replayed[n] += 1
+                if recording and replay.ready:
+                    replay.freeze()  # o is refit: nothing in the attention changes any more
+            if replay is not None and replay.ready:
+                block.outputs = _replayed_outputs(block, layer, replay)
+                replayed += 1
             # leaving the block: the runner propagates the refit layer's outputs
-    return {
-        **update_summary("layerwise", int(ids.numel()), groups),
-        "replayed_layers": replayed[ATTN_OUT],
-        "replayed_mlps": replayed[MLP_HIDDEN],
-    }
+    return {**update_summary("layerwise", int(ids.numel()), groups), "replayed_layers": replayed}
