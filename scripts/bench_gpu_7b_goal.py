@@ -94,16 +94,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    """Random LLaMA weights on the CPU in ``--dtype`` (seeded: every call gives the same)."""
+    """Random LLaMA weights on the CPU in ``--dtype`` (seeded: every call gives the same).
+
+    ``args.kv_heads`` and ``args.vocab``, where given (``bench_plus_timing.py``), set GQA and the
+    vocabulary; else LLaMA-7B's (as many KV heads as heads, 32000 tokens).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=32000,
+        vocab_size=getattr(args, "vocab", 32000),
         hidden_size=args.hidden,
         intermediate_size=args.mlp,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
+        num_key_value_heads=getattr(args, "kv_heads", args.heads),
         max_position_embeddings=max(args.seq_len, 2048),
     )
     torch.manual_seed(0)

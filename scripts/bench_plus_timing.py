@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench_gpu_7b_goal import build_model, sync  # noqa: E402  (scripts/ is on sys.path)
 from omegaconf import OmegaConf  # noqa: E402
 
 from basis_sharing.calibration.grams import collect_grams  # noqa: E402
@@ -96,29 +97,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    """Random LLaMA weights on the CPU in ``--dtype`` (seeded: every call gives the same)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.mlp,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(args.seq_len, 2048),
-    )
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, args.dtype))
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
-
-
 def method_configs() -> dict[str, Any]:
     """Plain Basis Sharing and the preset, its options read from its own config file."""
     preset = OmegaConf.to_container(OmegaConf.load(PRESET))
@@ -128,11 +106,6 @@ def method_configs() -> dict[str, Any]:
         "basis_sharing": OmegaConf.merge(schema, {"name": "basis_sharing"}),
         "basis_sharing_plus": OmegaConf.merge(schema, {"name": "basis_sharing", **preset}),
     }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def runner_for(model, family, args, device) -> BlockRunner | None:

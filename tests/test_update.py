@@ -59,6 +59,15 @@ def setup(method_cls, schema, family_name="llama", **kw):
     return model, family, method_cls(cfg), ctx
 
 
+def dense_weights(model, family):
+    """(layer, kind) -> a copy of the dense W (d_in, d_out), before compression."""
+    return {
+        (i, k): family.weight(layer, k).detach().clone()
+        for i, layer in enumerate(family.layers(model))
+        for k in family.kinds
+    }
+
+
 def coefficients(model, family):
     return {
         (i, k): family.module(layer, k).coefficient.weight.detach().clone()
@@ -70,11 +79,7 @@ def coefficients(model, family):
 @pytest.mark.parametrize("family_name", ["llama", "opt", "gpt2", "qwen2", "gemma2"])
 def test_basis_sharing_update_solves_the_deviated_least_squares(family_name):
     plain, family, method, ctx = setup(BasisSharing, BasisSharingMethodConfig, family_name)
-    originals = {
-        (i, k): family.weight(layer, k).detach().clone()
-        for i, layer in enumerate(family.layers(plain))
-        for k in family.kinds
-    }
+    originals = dense_weights(plain, family)
     method.compress(plain, family, ctx)
     deviated = collect_grams(plain, family, ctx.calibration_ids, 4, F64)  # inputs X^ of plain
 
@@ -125,11 +130,7 @@ def test_layerwise_update_on_shared_groups_refits_each_member_on_its_own_final_i
     model, family, method, ctx = setup(
         BasisSharing, BasisSharingMethodConfig, family_name, update="layerwise"
     )
-    originals = {
-        (i, k): family.weight(layer, k).detach().clone()
-        for i, layer in enumerate(family.layers(model))
-        for k in family.kinds
-    }
+    originals = dense_weights(model, family)
     info = method.compress(model, family, ctx)["update"]
     assert info["mode"] == "layerwise"
     final = collect_grams(model, family, ctx.calibration_ids, 4, F64)
@@ -170,11 +171,7 @@ def test_layerwise_refit_samples_uses_the_first_samples_only():
     assert info["tokens"] == 4 * ctx.calibration_ids.shape[1]
     # The oracle: the final model's Grams on the first 4 samples only.
     originals_model = make_tiny_model("llama", dtype=F64)
-    originals = {
-        (i, k): family.weight(layer, k).detach().clone()
-        for i, layer in enumerate(family.layers(originals_model))
-        for k in family.kinds
-    }
+    originals = dense_weights(originals_model, family)
     final = collect_grams(model, family, ctx.calibration_ids[:4], 4, F64)
     layers = family.layers(model)
     for report in info["groups"]:
@@ -205,11 +202,7 @@ def test_layerwise_refit_basis_rederives_each_basis_at_its_first_member(family_n
         whitening=whitening,
     )
     original = ctx.stats["gram"]
-    originals = {
-        (i, k): family.weight(layer, k).detach().clone()
-        for i, layer in enumerate(family.layers(model))
-        for k in family.kinds
-    }
+    originals = dense_weights(model, family)
     record = method.compress(model, family, ctx)
     info = record["update"]
     final = collect_grams(model, family, ctx.calibration_ids, 4, F64)
@@ -258,11 +251,7 @@ def test_layerwise_refit_basis_with_refit_samples_weighs_every_member_alike():
         refit_samples=4,
     )
     original = ctx.stats["gram"]
-    originals = {
-        (i, k): family.weight(layer, k).detach().clone()
-        for i, layer in enumerate(family.layers(model))
-        for k in family.kinds
-    }
+    originals = dense_weights(model, family)
     record = method.compress(model, family, ctx)
     final = collect_grams(model, family, ctx.calibration_ids[:4], 4, F64)
     assert original.tokens == 2 * final.tokens

@@ -96,7 +96,7 @@ class BasisRefit:
     eps: float = DEFAULT_EPS
     path: str = "svd"
     # Whether the factors being replaced came from the first pass's decomposition (then the
-    # member's error with them is reported); False: the first pass installed zeros.
+    # member's error with them is reported); False: the first pass installed placeholders.
     replaces_decomposed: bool = True
 
 
@@ -250,8 +250,8 @@ def refit_sequential(
     ``group``. ``samples``: the first N calibration samples (None: all). ``refit_basis``: when a
     group's first member is reached, its basis is first re-derived (``rederive_basis``); that
     member's report has ``basis_refit`` and its ``error_before`` is the one before the new basis
-    (with ``refit_basis.replaces_decomposed=False`` the first pass installed zeros, and it is the
-    error of the re-derived factors before the coefficient refit).
+    (with ``refit_basis.replaces_decomposed=False`` the first pass installed placeholders, and it
+    is the error of the re-derived factors before the coefficient refit).
 
     ``replay_attention``: once a layer's o input is recorded, its later calls (MLP input, MLP
     hidden, the outputs that propagate) replay the attention as o(x_o) instead of recomputing
@@ -294,7 +294,8 @@ def refit_sequential(
                 for kind in kinds:
                     plan = by_member[(i, kind)]
                     before = None
-                    if refit_basis is not None and i == plan.layers[0]:
+                    rederive = refit_basis is not None and i == plan.layers[0]
+                    if rederive:
                         if refit_basis.replaces_decomposed:
                             before = member_error(layers, family, plan, i, acc.gram, originals)
                         input_name = family.projection(kind).input
@@ -312,7 +313,7 @@ def refit_sequential(
                     report = refit_group(
                         layers, family, plan, acc.gram, originals, ctx.device, eps, (i,)
                     )
-                    if refit_basis is not None and i == plan.layers[0]:
+                    if rederive:
                         report["basis_refit"] = True
                     if before is not None:
                         report["error_before"] = before
