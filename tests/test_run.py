@@ -426,16 +426,20 @@ def test_the_compensating_refit_and_its_options_run_end_to_end(
 
 def test_a_lower_forward_dtype_is_a_different_calibration(tiny_model_dir, tiny_mirror, tmp_path):
     """calibration.forward_dtype=bfloat16 runs the pass under autocast: its statistics have their
-    own cache key (never the float32 pass's), and the record says which dtype ran."""
+    own cache key (never the float32 pass's), and the record says which dtype ran; the compress
+    stage hands the dtype to the method's update, whose record says so too."""
     records = method_sweep(
         tiny_model_dir,
         tiny_mirror,
         tmp_path,
         "method=svd_llm",
+        "method.update=true",
         "calibration.forward_dtype=null,bfloat16",
     )
     by_dtype = {r["calibration"]["forward_dtype"]: r for r in records}
     assert set(by_dtype) == {"float32", "bfloat16"}
+    assert by_dtype["bfloat16"]["method_info"]["update"]["forward_dtype"] == "bfloat16"
+    assert "forward_dtype" not in by_dtype["float32"]["method_info"]["update"]
     assert all(not r["calibration"]["cache_hit"] for r in records)
     keys = {r["calibration"]["stats_key"] for r in records}
     assert len(keys) == 2

@@ -46,8 +46,8 @@ def test_refit_survives_a_basis_the_inputs_never_excite():
     assert torch.isfinite(c).all()
 
 
-def setup(method_cls, schema, family_name="llama", **kw):
-    model = make_tiny_model(family_name, dtype=F64)
+def setup(method_cls, schema, family_name="llama", *, model_dtype=F64, **kw):
+    model = make_tiny_model(family_name, dtype=model_dtype)
     family = family_for_model_type(model.config.model_type)
     ids = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(1))
     stats = collect_grams(model, family, ids, 4, F64)
@@ -363,3 +363,100 @@ def test_attention_replay_falls_back_when_the_attention_does_more_than_o(monkeyp
     assert info == info_full
     for key, value in full.state_dict().items():
         assert torch.equal(value, replayed.state_dict()[key]), key
+
+
+BF16 = torch.bfloat16
+
+
+def _bf16_grams(model, family, ids):
+    """The Grams (float64) of ``model`` on ``ids`` with the forward under bf16 autocast, as the
+    calibration stage takes them under ``calibration.forward_dtype=bfloat16``."""
+    with torch.autocast("cpu", BF16):
+        return collect_grams(model, family, ids, 4, F64)
+
+
+def _max_relative(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("refit_basis", [False, True])
+def test_layerwise_refit_runs_its_forward_under_the_calibration_forward_dtype(refit_basis):
+    """calibration.forward_dtype=bfloat16 (ctx.forward_dtype) reaches the refit's own pass: each
+    member's coefficients solve its least squares on the Grams of the finished model's bf16
+    forward (the oracle, as the calibration stage takes them), not on the float32 forward's; the
+    Grams and the solves stay in float64."""
+    kw = {"update": "layerwise", "refit_basis": refit_basis, "model_dtype": torch.float32}
+    model, family, method, ctx = setup(BasisSharing, BasisSharingMethodConfig, **kw)
+    ctx.forward_dtype = BF16
+    originals = dense_weights(model, family)
+    info = method.compress(model, family, ctx)["update"]
+    assert info["forward_dtype"] == "bfloat16"
+    bf16 = _bf16_grams(model, family, ctx.calibration_ids)
+    fp32 = collect_grams(model, family, ctx.calibration_ids, 4, F64)
+    layers = family.layers(model)
+    worst_fp32 = 0.0
+    for report in info["groups"]:
+        (i,) = report["layers"]
+        kind, name = report["kind"], family.projection(report["kind"]).input
+        module = family.module(layers[i], kind)
+        basis = module.basis.weight.detach().T.to(F64)
+        got = module.coefficient.weight.detach().T.to(F64)
+        w = originals[(i, kind)].to(F64)
+        oracle = refit_coefficients(basis, bf16.group_gram((i,), name), w)
+        torch.testing.assert_close(got, oracle, rtol=1e-5, atol=1e-6)
+        wrong = refit_coefficients(basis, fp32.group_gram((i,), name), w)
+        worst_fp32 = max(worst_fp32, _max_relative(got, wrong))
+    assert worst_fp32 > 1e-3  # the float32 forward's Grams would have given other coefficients
+
+
+def test_one_pass_update_runs_its_forward_under_the_calibration_forward_dtype():
+    """update=one_pass with ctx.forward_dtype=bfloat16: every group is refit on the deviated
+    Grams of the first-pass model's bf16 forward."""
+    kw = {"model_dtype": torch.float32}
+    plain, family, method, ctx = setup(BasisSharing, BasisSharingMethodConfig, **kw)
+    originals = dense_weights(plain, family)
+    method.compress(plain, family, ctx)
+    deviated = _bf16_grams(plain, family, ctx.calibration_ids)
+    updated, _, method_u, ctx_u = setup(
+        BasisSharing, BasisSharingMethodConfig, update="one_pass", **kw
+    )
+    ctx_u.forward_dtype = BF16
+    info = method_u.compress(updated, family, ctx_u)["update"]
+    assert info["forward_dtype"] == "bfloat16"
+    layers = family.layers(updated)
+    for group in info["groups"]:
+        members, kind = group["layers"], group["kind"]
+        basis = family.module(layers[members[0]], kind).basis.weight.detach().T.to(F64)
+        gram = deviated.group_gram(members, family.projection(kind).input)
+        w = concat_weights([originals[(i, kind)] for i in members]).to(F64)
+        got = torch.cat(
+            [family.module(layers[i], kind).coefficient.weight.detach().T for i in members], dim=1
+        )
+        oracle = refit_coefficients(basis, gram, w)
+        torch.testing.assert_close(got.to(F64), oracle, rtol=1e-5, atol=1e-6)
+
+
+def test_sequential_update_forwards_under_the_forward_dtype_and_solves_in_float64(monkeypatch):
+    """update=sequential with ctx.forward_dtype=bfloat16: the dense and compressed layers' runs
+    produce bf16 activations (o's and down's inputs come out of bf16 matmuls), while the
+    statistics they fold into stay float64 and the refit still lowers every member's error."""
+    from basis_sharing.methods import compensate
+
+    seen = []
+    add = compensate.CompensationStats.add
+
+    def spy(self, x_hat, x):
+        seen.append((x_hat.dtype, x.dtype))
+        add(self, x_hat, x)
+        assert self.hat.gram.dtype == F64 and self.cross.dtype == F64
+
+    monkeypatch.setattr(compensate.CompensationStats, "add", spy)
+    model, family, method, ctx = setup(
+        BasisSharing, BasisSharingMethodConfig, update="sequential", model_dtype=torch.float32
+    )
+    ctx.forward_dtype = BF16
+    info = method.compress(model, family, ctx)["update"]
+    assert info["forward_dtype"] == "bfloat16"
+    assert (BF16, BF16) in seen and (torch.float32, torch.float32) in seen
+    for group in info["groups"]:
+        assert group["error_after"] <= group["error_before"] * (1 + 1e-9) + 1e-12

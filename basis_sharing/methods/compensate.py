@@ -257,16 +257,22 @@ def _refit_layer(
             )
             if last:
                 original[b] = out.to(store)
-            for kind in readers:
-                energy[kind] += _output_energy(x, originals[(index, kind)])
             hat = hidden if deviated is None else deviated[b].to(block.device)
             x_hat, _ = _capture(layer, family, name, hat, calls[index], stop=True)
-            stats.add(x_hat, x)
+            with ctx.exact():
+                for kind in readers:
+                    energy[kind] += _output_energy(x, originals[(index, kind)])
+                stats.add(x_hat, x)
         for kind in readers:
             members[kind] = (stats, energy[kind])
-            errors[kind] = _refit_member(
-                family.module(layer, kind), members[kind], originals[(index, kind)], ctx.device, eps
-            )
+            with ctx.exact():
+                errors[kind] = _refit_member(
+                    family.module(layer, kind),
+                    members[kind],
+                    originals[(index, kind)],
+                    ctx.device,
+                    eps,
+                )
     return errors, members
 
 
@@ -319,16 +325,17 @@ def _refit_unit(
             modules = [
                 family.module(block.modules[block.layers.index(i)], plan.kind) for i in plan.layers
             ]
-            history, als_after = _refit_basis(
-                model,
-                modules,
-                plan,
-                [kept[(i, plan.kind)] for i in plan.layers],
-                [originals[(i, plan.kind)] for i in plan.layers],
-                ctx.device,
-                eps,
-                als_iterations,
-            )
+            with ctx.exact():
+                history, als_after = _refit_basis(
+                    model,
+                    modules,
+                    plan,
+                    [kept[(i, plan.kind)] for i in plan.layers],
+                    [originals[(i, plan.kind)] for i in plan.layers],
+                    ctx.device,
+                    eps,
+                    als_iterations,
+                )
             report = {
                 **_group_report(plan, before, als_after),
                 "error_after_coefficients": report["error_after"],
@@ -399,6 +406,7 @@ def refit_compensating(
     groups: list[dict] = []
     with (
         torch.no_grad(),
+        ctx.autocast(),
         runner.open(token_batches(ids, ctx.calib_batch_size), "update: layers") as session,
     ):
         original = [state.hidden for state in session.states]  # the embeddings: unchanged
@@ -415,4 +423,4 @@ def refit_compensating(
                 refit_basis,
                 als_iterations,
             )
-    return update_summary("sequential", tokens, groups)
+    return update_summary("sequential", tokens, groups, ctx.forward_dtype)

@@ -11,6 +11,7 @@ any heavy work starts (``needs_calibration``) and then calls ``compress`` once o
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, is_dataclass
 from typing import Any, ClassVar
 
@@ -49,6 +50,29 @@ class CompressionContext:
     # runtime.BlockRunner of runtime=sequential (weights on the CPU, one block on the device at a
     # time); None: runtime=full, the whole model on ``device``.
     runner: Any = None
+    # calibration.forward_dtype: the autocast dtype of the method's own Gram-collecting forward
+    # passes (the updates'), as of the calibration pass; None: the model's dtype.
+    forward_dtype: torch.dtype | None = None
+
+    def autocast(self) -> AbstractContextManager:
+        """The method's forward passes under ``forward_dtype`` (a no-op context when None);
+        the statistics and solves inside stay in their own dtypes (``exact``).
+
+        Autocast's weight-cast cache is off: the updates change weights in place between the
+        calls of one pass, and a cached low-precision copy would keep the weights before the
+        refit (the layerwise test's oracle caught exactly that)."""
+        dtype = self.forward_dtype
+        return torch.autocast(
+            self.device.type,
+            dtype or torch.float32,
+            enabled=dtype is not None,
+            cache_enabled=False,
+        )
+
+    def exact(self) -> AbstractContextManager:
+        """Autocast off: the linear algebra between a method's forward calls (the Grams, the
+        solves, the re-derived bases, the errors) in the dtypes it asks for."""
+        return torch.autocast(self.device.type, enabled=False)
 
 
 class CompressionMethod:

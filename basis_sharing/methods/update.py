@@ -155,12 +155,18 @@ def member_error(layers, family, plan: GroupPlan, i: int, gram, originals: dict)
     return output_error(gram.to(basis.device), weights, basis @ coefficient)
 
 
-def update_summary(mode: str, tokens: int, groups: list[dict]) -> dict:
-    """The record's ``method_info.update``: the mode, tokens, total errors and every group's."""
+def update_summary(
+    mode: str, tokens: int, groups: list[dict], forward_dtype: torch.dtype | None = None
+) -> dict:
+    """The record's ``method_info.update``: the mode, tokens, total errors and every group's;
+    ``forward_dtype`` when its passes ran under autocast (``calibration.forward_dtype``)."""
     total = {
         key: math.sqrt(sum(g[key] ** 2 for g in groups)) for key in ("error_before", "error_after")
     }
-    return {"mode": mode, "tokens": tokens, **total, "groups": groups}
+    summary = {"mode": mode, "tokens": tokens, **total, "groups": groups}
+    if forward_dtype is not None:
+        summary["forward_dtype"] = str(forward_dtype).removeprefix("torch.")
+    return summary
 
 
 def refit_single_pass(
@@ -173,21 +179,22 @@ def refit_single_pass(
 ) -> dict:
     """Every group refit on the Grams of one pass of the compressed model (block by block with
     ``ctx.runner``)."""
-    deviated = collect_grams(
-        model,
-        family,
-        ctx.calibration_ids,
-        ctx.calib_batch_size,
-        ctx.gram_dtype,
-        desc="update: deviated inputs",
-        runner=ctx.runner,
-    )
+    with ctx.autocast():
+        deviated = collect_grams(
+            model,
+            family,
+            ctx.calibration_ids,
+            ctx.calib_batch_size,
+            ctx.gram_dtype,
+            desc="update: deviated inputs",
+            runner=ctx.runner,
+        )
     layers = family.layers(model)
     groups = []
     for plan in tqdm(plans, desc="update: refit", unit="group", leave=False):
         gram = deviated.group_gram(plan.layers, family.projection(plan.kind).input)
         groups.append(refit_group(layers, family, plan, gram, originals, ctx.device, eps))
-    return update_summary("one_pass", deviated.tokens, groups)
+    return update_summary("one_pass", deviated.tokens, groups, ctx.forward_dtype)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -229,6 +236,49 @@ def _replayed_outputs(block: Block, layer: nn.Module, replay: AttentionReplay) -
     return outputs
 
 
+def _refit_kinds(
+    layers,
+    family: FamilyAdapter,
+    by_member: dict,
+    i: int,
+    kinds: list[str],
+    acc: GramAccumulator,
+    originals: dict,
+    ctx: CompressionContext,
+    eps: float,
+    refit_basis: BasisRefit | None,
+) -> list[dict]:
+    """Layer ``i``'s ``kinds`` (one input's readers) refit on that input's deviated Gram ``acc``,
+    each basis first re-derived at its group's first member under ``refit_basis``; a report each."""
+    reports = []
+    for kind in kinds:
+        plan = by_member[(i, kind)]
+        before = None
+        rederive = refit_basis is not None and i == plan.layers[0]
+        if rederive:
+            if refit_basis.replaces_decomposed:
+                before = member_error(layers, family, plan, i, acc.gram, originals)
+            input_name = family.projection(kind).input
+            others = [ctx.stats["gram"].gram(j, input_name) for j in plan.layers[1:]]
+            rederive_basis(
+                layers,
+                family,
+                plan,
+                on_calibration_scale(acc, ctx.stats["gram"].tokens),
+                others,
+                originals,
+                ctx.device,
+                refit_basis,
+            )
+        report = refit_group(layers, family, plan, acc.gram, originals, ctx.device, eps, (i,))
+        if rederive:
+            report["basis_refit"] = True
+        if before is not None:
+            report["error_before"] = before
+        reports.append(report)
+    return reports
+
+
 def refit_sequential(
     model: nn.Module,
     family: FamilyAdapter,
@@ -266,6 +316,7 @@ def refit_sequential(
     replayed = 0
     with (
         torch.no_grad(),
+        ctx.autocast(),
         runner.open(token_batches(ids, ctx.calib_batch_size), desc="update: layers") as session,
     ):
         for block in session.blocks():
@@ -290,38 +341,17 @@ def refit_sequential(
                             x, _ = capture_input(layer, module, hidden, calls[i], stop=True)
                     else:
                         x, _ = capture_input(layer, module, hidden, calls[i], stop=True)
-                    acc.add(x)
-                for kind in kinds:
-                    plan = by_member[(i, kind)]
-                    before = None
-                    rederive = refit_basis is not None and i == plan.layers[0]
-                    if rederive:
-                        if refit_basis.replaces_decomposed:
-                            before = member_error(layers, family, plan, i, acc.gram, originals)
-                        input_name = family.projection(kind).input
-                        others = [ctx.stats["gram"].gram(j, input_name) for j in plan.layers[1:]]
-                        rederive_basis(
-                            layers,
-                            family,
-                            plan,
-                            on_calibration_scale(acc, ctx.stats["gram"].tokens),
-                            others,
-                            originals,
-                            ctx.device,
-                            refit_basis,
-                        )
-                    report = refit_group(
-                        layers, family, plan, acc.gram, originals, ctx.device, eps, (i,)
+                    with ctx.exact():
+                        acc.add(x)
+                with ctx.exact():
+                    groups += _refit_kinds(
+                        layers, family, by_member, i, kinds, acc, originals, ctx, eps, refit_basis
                     )
-                    if rederive:
-                        report["basis_refit"] = True
-                    if before is not None:
-                        report["error_before"] = before
-                    groups.append(report)
                 if recording and replay.ready:
                     replay.freeze()  # o is refit: nothing in the attention changes any more
             if replay is not None and replay.ready:
                 block.outputs = _replayed_outputs(block, layer, replay)
                 replayed += 1
             # leaving the block: the runner propagates the refit layer's outputs
-    return {**update_summary("layerwise", int(ids.numel()), groups), "replayed_layers": replayed}
+    summary = update_summary("layerwise", int(ids.numel()), groups, ctx.forward_dtype)
+    return {**summary, "replayed_layers": replayed}

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from basis_sharing.config import is_auto_batch
+from basis_sharing.config import forward_dtype, is_auto_batch
 from basis_sharing.evaluation.params import budget_ratio, parameter_report
 from basis_sharing.evaluation.throughput import rank_above_break_even, summarize_break_even
 from basis_sharing.methods.registry import CompressionContext
@@ -31,12 +31,17 @@ def compress(state: RunState) -> None:
         stats_key=state.stats_key,
         gram_dtype=getattr(torch, cfg.calibration.gram_dtype),
         runner=make_runner(cfg.runtime, state.model, state.family, plan.device),
+        forward_dtype=_dtype(forward_dtype(cfg)),
     )
     record["method_info"] = plan.method.compress(state.model, state.family, ctx)
     account(state)
     if plan.method.compresses:
         kinds = state.budget[0] if state.budget else None
         check_ratio(budget_ratio(record["params"]), cfg.ratio, cfg.ratio_tolerance, kinds=kinds)
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else getattr(torch, name)
 
 
 def compress_batch_size(state: RunState) -> int:
