@@ -17,6 +17,8 @@ Reproduce::
         --json results/benchmarks/bench_plus_timing_smollm2_cuda.json
     python scripts/bench_plus_timing.py --shape llama7b --device cuda --runtime sequential \\
         --json results/benchmarks/bench_plus_timing_llama7b_cuda.json
+    python scripts/bench_plus_timing.py --device cpu --forward-dtype bfloat16 \\
+        --json results/benchmarks/bench_plus_timing_smollm2_cpu_bf16.json
 
 CPU smoke run (seconds)::
 
@@ -79,6 +81,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=512, help="the embedded model's 512")
     parser.add_argument("--batch-size", type=int, default=8, help="the embedded model's 8")
     parser.add_argument("--dtype", default="float32", help="the model's weights")
+    parser.add_argument(
+        "--forward-dtype",
+        choices=["bfloat16", "float16"],
+        default=None,
+        help="calibration.forward_dtype: autocast of the calibration and the refit's forwards",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="timings per method")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -114,6 +122,16 @@ def runner_for(model, family, args, device) -> BlockRunner | None:
     return BlockRunner(model, family, device, hidden_device=torch.device("cpu"))
 
 
+def autocast_dtype(args) -> torch.dtype | None:
+    return None if args.forward_dtype is None else getattr(torch, args.forward_dtype)
+
+
+def autocast(args, device):
+    """The calibration pass under ``--forward-dtype``, as the calibrate stage runs it."""
+    dtype = autocast_dtype(args)
+    return torch.autocast(device.type, dtype or torch.float32, enabled=dtype is not None)
+
+
 def time_compress(dense, family, cfg, ids, stats, args, device) -> tuple[float, dict]:
     """One ``compress`` of a fresh copy of ``dense``: (seconds, the method's record)."""
     model = copy.deepcopy(dense)
@@ -126,6 +144,7 @@ def time_compress(dense, family, cfg, ids, stats, args, device) -> tuple[float, 
         stats={"gram": stats},
         calib_batch_size=args.batch_size,
         runner=runner_for(model, family, args, device),
+        forward_dtype=autocast_dtype(args),
     )
     sync(device)
     start = time.perf_counter()
@@ -149,6 +168,8 @@ def summary(info: dict) -> dict:
     update = info.get("update")
     if update:
         kept["update"] = {k: update.get(k) for k in ("mode", "tokens", "replayed_layers")}
+        if "forward_dtype" in update:
+            kept["update"]["forward_dtype"] = update["forward_dtype"]
         kept["first_pass_decomposed"] = info.get("first_pass_decomposed")
     return kept
 
@@ -165,13 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     calib_model = dense if args.runtime == "sequential" else copy.deepcopy(dense).to(device)
     sync(device)
     start = time.perf_counter()
-    stats = collect_grams(
-        calib_model,
-        family,
-        ids,
-        args.batch_size,
-        runner=runner_for(calib_model, family, args, device),
-    )
+    with autocast(args, device):
+        stats = collect_grams(
+            calib_model,
+            family,
+            ids,
+            args.batch_size,
+            runner=runner_for(calib_model, family, args, device),
+        )
     sync(device)
     calibration_s = time.perf_counter() - start
     del calib_model

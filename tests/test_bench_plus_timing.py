@@ -20,8 +20,12 @@ SMOKE = (
 )
 
 
-@pytest.mark.parametrize("runtime", ["full", "sequential"])
-def test_the_timing_script_compresses_both_methods_and_reports_their_ratio(tmp_path, runtime):
+@pytest.mark.parametrize(
+    ("runtime", "forward"), [("full", None), ("sequential", None), ("full", "bfloat16")]
+)
+def test_the_timing_script_compresses_both_methods_and_reports_their_ratio(
+    tmp_path, runtime, forward
+):
     out = tmp_path / "plus.json"
     proc = subprocess.run(
         [
@@ -29,6 +33,7 @@ def test_the_timing_script_compresses_both_methods_and_reports_their_ratio(tmp_p
             str(REPO / "scripts" / "bench_plus_timing.py"),
             *SMOKE,
             *("--runtime", runtime, "--repeats", "2", "--json", str(out)),
+            *(() if forward is None else ("--forward-dtype", forward)),
         ],
         capture_output=True,
         text=True,
@@ -46,7 +51,10 @@ def test_the_timing_script_compresses_both_methods_and_reports_their_ratio(tmp_p
     assert "update" not in plain and "sharing" not in plain
     # the preset as its config file defines it: auto over the rule's kinds, layerwise refit with
     # re-derived bases (so no first-pass decomposition), the attention replayed in every layer
-    assert plus["update"] == {"mode": "layerwise", "tokens": 4 * 32, "replayed_layers": 4}
+    update = {"mode": "layerwise", "tokens": 4 * 32, "replayed_layers": 4}
+    if forward is not None:  # the refit's forwards ran under the dtype too
+        update["forward_dtype"] = forward
+    assert plus["update"] == update
     assert plus["first_pass_decomposed"] is False
     assert set(plus["sharing"]) == {"q", "k", "v", "o", "up", "gate", "down"}
     for record in (plain, plus):
