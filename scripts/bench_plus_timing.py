@@ -48,6 +48,7 @@ from bench_gpu_7b_goal import build_model, sync  # noqa: E402  (scripts/ is on s
 from omegaconf import OmegaConf  # noqa: E402
 
 from basis_sharing.calibration.grams import collect_grams  # noqa: E402
+from basis_sharing.calibration.statistics import forward_autocast  # noqa: E402
 from basis_sharing.evaluation.params import (  # noqa: E402
     count_projection_weights,
     dense_projection_weights,
@@ -122,16 +123,6 @@ def runner_for(model, family, args, device) -> BlockRunner | None:
     return BlockRunner(model, family, device, hidden_device=torch.device("cpu"))
 
 
-def autocast_dtype(args) -> torch.dtype | None:
-    return None if args.forward_dtype is None else getattr(torch, args.forward_dtype)
-
-
-def autocast(args, device):
-    """The calibration pass under ``--forward-dtype``, as the calibrate stage runs it."""
-    dtype = autocast_dtype(args)
-    return torch.autocast(device.type, dtype or torch.float32, enabled=dtype is not None)
-
-
 def time_compress(dense, family, cfg, ids, stats, args, device) -> tuple[float, dict]:
     """One ``compress`` of a fresh copy of ``dense``: (seconds, the method's record)."""
     model = copy.deepcopy(dense)
@@ -144,7 +135,7 @@ def time_compress(dense, family, cfg, ids, stats, args, device) -> tuple[float, 
         stats={"gram": stats},
         calib_batch_size=args.batch_size,
         runner=runner_for(model, family, args, device),
-        forward_dtype=autocast_dtype(args),
+        forward_dtype=args.forward_dtype,
     )
     sync(device)
     start = time.perf_counter()
@@ -186,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     calib_model = dense if args.runtime == "sequential" else copy.deepcopy(dense).to(device)
     sync(device)
     start = time.perf_counter()
-    with autocast(args, device):
+    with forward_autocast(device, args.forward_dtype):  # as the calibrate stage runs it
         stats = collect_grams(
             calib_model,
             family,

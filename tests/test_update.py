@@ -387,7 +387,7 @@ def test_layerwise_refit_runs_its_forward_under_the_calibration_forward_dtype(re
     Grams and the solves stay in float64."""
     kw = {"update": "layerwise", "refit_basis": refit_basis, "model_dtype": torch.float32}
     model, family, method, ctx = setup(BasisSharing, BasisSharingMethodConfig, **kw)
-    ctx.forward_dtype = BF16
+    ctx.forward_dtype = "bfloat16"
     originals = dense_weights(model, family)
     info = method.compress(model, family, ctx)["update"]
     assert info["forward_dtype"] == "bfloat16"
@@ -420,7 +420,7 @@ def test_one_pass_update_runs_its_forward_under_the_calibration_forward_dtype():
     updated, _, method_u, ctx_u = setup(
         BasisSharing, BasisSharingMethodConfig, update="one_pass", **kw
     )
-    ctx_u.forward_dtype = BF16
+    ctx_u.forward_dtype = "bfloat16"
     info = method_u.compress(updated, family, ctx_u)["update"]
     assert info["forward_dtype"] == "bfloat16"
     layers = family.layers(updated)
@@ -454,7 +454,7 @@ def test_sequential_update_forwards_under_the_forward_dtype_and_solves_in_float6
     model, family, method, ctx = setup(
         BasisSharing, BasisSharingMethodConfig, update="sequential", model_dtype=torch.float32
     )
-    ctx.forward_dtype = BF16
+    ctx.forward_dtype = "bfloat16"
     info = method.compress(model, family, ctx)["update"]
     assert info["forward_dtype"] == "bfloat16"
     assert (BF16, BF16) in seen and (torch.float32, torch.float32) in seen

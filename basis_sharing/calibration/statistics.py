@@ -26,6 +26,7 @@ to write it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -279,6 +280,21 @@ class _Taps:
             s.name: s.assemble(self.filled[s.name], batches, self.gram_dtype)
             for s in self.statistics
         }
+
+
+def forward_autocast(
+    device: torch.device, dtype: str | None, cache_enabled: bool = True
+) -> contextlib.AbstractContextManager:
+    """A statistics pass's forward under ``calibration.forward_dtype`` (``dtype``, a torch dtype
+    name; None: the model's own, autocast off). The accumulators switch autocast off for
+    themselves (``_feed``). ``cache_enabled=False`` for passes that change weights between calls:
+    a cached low-precision copy of a weight would outlive the change."""
+    return torch.autocast(
+        device.type,
+        getattr(torch, dtype or "float32"),
+        enabled=dtype is not None,
+        cache_enabled=cache_enabled,
+    )
 
 
 def _feed(accumulators: list[Accumulator]):

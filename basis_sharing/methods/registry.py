@@ -19,6 +19,7 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
+from basis_sharing.calibration.statistics import forward_autocast
 from basis_sharing.config import register_option_schema
 from basis_sharing.errors import unknown_choice
 from basis_sharing.methods.caches import SweepCaches
@@ -50,9 +51,9 @@ class CompressionContext:
     # runtime.BlockRunner of runtime=sequential (weights on the CPU, one block on the device at a
     # time); None: runtime=full, the whole model on ``device``.
     runner: Any = None
-    # calibration.forward_dtype: the autocast dtype of the method's own Gram-collecting forward
-    # passes (the updates'), as of the calibration pass; None: the model's dtype.
-    forward_dtype: torch.dtype | None = None
+    # calibration.forward_dtype (a torch dtype name): the autocast dtype of the method's own
+    # Gram-collecting forward passes (the updates'), as of the calibration pass; None: the model's.
+    forward_dtype: str | None = None
 
     def autocast(self) -> AbstractContextManager:
         """The method's forward passes under ``forward_dtype`` (a no-op context when None);
@@ -61,13 +62,7 @@ class CompressionContext:
         Autocast's weight-cast cache is off: the updates change weights in place between the
         calls of one pass, and a cached low-precision copy would keep the weights before the
         refit (the layerwise test's oracle caught exactly that)."""
-        dtype = self.forward_dtype
-        return torch.autocast(
-            self.device.type,
-            dtype or torch.float32,
-            enabled=dtype is not None,
-            cache_enabled=False,
-        )
+        return forward_autocast(self.device, self.forward_dtype, cache_enabled=False)
 
     def exact(self) -> AbstractContextManager:
         """Autocast off: the linear algebra between a method's forward calls (the Grams, the

@@ -156,7 +156,7 @@ def member_error(layers, family, plan: GroupPlan, i: int, gram, originals: dict)
 
 
 def update_summary(
-    mode: str, tokens: int, groups: list[dict], forward_dtype: torch.dtype | None = None
+    mode: str, tokens: int, groups: list[dict], forward_dtype: str | None = None
 ) -> dict:
     """The record's ``method_info.update``: the mode, tokens, total errors and every group's;
     ``forward_dtype`` when its passes ran under autocast (``calibration.forward_dtype``)."""
@@ -165,7 +165,7 @@ def update_summary(
     }
     summary = {"mode": mode, "tokens": tokens, **total, "groups": groups}
     if forward_dtype is not None:
-        summary["forward_dtype"] = str(forward_dtype).removeprefix("torch.")
+        summary["forward_dtype"] = forward_dtype
     return summary
 
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from basis_sharing.calibration.batching import choose_batch_size
 from basis_sharing.calibration.cache import stats_key
-from basis_sharing.calibration.statistics import collect_statistics
+from basis_sharing.calibration.statistics import collect_statistics, forward_autocast
 from basis_sharing.config import forward_dtype, is_auto_batch
 from basis_sharing.runtime import SEQUENTIAL, make_runner
 from basis_sharing.stages.state import RunState
@@ -51,7 +51,7 @@ def calibrate(state: RunState) -> None:
     gram_store = "cpu" if cfg.calibration.gram_device == "cpu" else None
     if gram_store is not None:
         summary["gram_device"] = "cpu"
-    with torch.autocast(device.type, getattr(torch, autocast or "float32"), autocast is not None):
+    with forward_autocast(device, autocast):
         collected = collect_statistics(
             sorted(needed),
             state.model,

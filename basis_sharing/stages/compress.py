@@ -31,17 +31,13 @@ def compress(state: RunState) -> None:
         stats_key=state.stats_key,
         gram_dtype=getattr(torch, cfg.calibration.gram_dtype),
         runner=make_runner(cfg.runtime, state.model, state.family, plan.device),
-        forward_dtype=_dtype(forward_dtype(cfg)),
+        forward_dtype=forward_dtype(cfg),
     )
     record["method_info"] = plan.method.compress(state.model, state.family, ctx)
     account(state)
     if plan.method.compresses:
         kinds = state.budget[0] if state.budget else None
         check_ratio(budget_ratio(record["params"]), cfg.ratio, cfg.ratio_tolerance, kinds=kinds)
-
-
-def _dtype(name: str | None) -> torch.dtype | None:
-    return None if name is None else getattr(torch, name)
 
 
 def compress_batch_size(state: RunState) -> int:
