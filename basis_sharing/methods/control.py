@@ -12,6 +12,7 @@ M the calibration Gram of the dense model's inputs (all N samples, already compu
 M_n the compressed and the dense model's Grams on the n refit samples. The sampling noise left is
 that of the deviation M^ - M, not of the whole Gram: with the deviation small beside M, n samples
 estimate M^ about as well as many more would alone. With n = N it is M^_N exactly (to rounding).
+Where the estimate is not positive definite (``controlled_gram``) the plain one is used.
 """
 
 from __future__ import annotations
@@ -108,9 +109,15 @@ def dense_layer_grams(
 
 def controlled_gram(
     deviated: GramAccumulator, dense: GramAccumulator, calibration: torch.Tensor, tokens: int
-) -> GramAccumulator:
+) -> tuple[GramAccumulator, bool]:
     """M + (tokens / n) (M^_n - M_n) in float64 (the module docstring), on the calibration's
-    ``tokens`` (so the refit's scale rules treat it as a full-sample Gram).
+    ``tokens`` (so the refit's scale rules treat it as a full-sample Gram), and whether it is
+    that estimate.
+
+    A Gram is positive semi-definite, the estimate need not be: where the deviation measured on
+    n samples is large beside M in some direction, its sampling noise can make an eigenvalue
+    negative, and no whitening or least squares on it is meaningful. Then (a failed Cholesky)
+    the plain estimate (tokens / n) M^_n is returned instead, with False.
 
     Args:
         deviated: M^_n, the compressed model's Gram on the refit samples.
@@ -122,8 +129,10 @@ def controlled_gram(
             "same tokens"
         )
     scale = tokens / deviated.tokens
-    gram = deviated.gram.to(F64) - dense.gram.to(deviated.gram.device, F64)
-    gram = calibration.to(gram.device, F64) + scale * gram
+    hat = deviated.gram.to(F64)
+    gram = calibration.to(hat.device, F64) + scale * (hat - dense.gram.to(hat.device, F64))
+    _, info = torch.linalg.cholesky_ex(gram)
+    controlled = int(info) == 0
     estimate = GramAccumulator(F64)
-    estimate.gram, estimate.tokens = gram, tokens
-    return estimate
+    estimate.gram, estimate.tokens = (gram if controlled else scale * hat), tokens
+    return estimate, controlled

@@ -313,7 +313,8 @@ def refit_sequential(
     ``control`` (``refit_gram=control``): beside the pass, the dense layers run on the dense
     model's hidden states of the same samples, and every deviated Gram is replaced by the
     control-variate estimate M + (N / n)(M^_n - M_n) on the calibration Gram M
-    (``methods.control``; the summary's ``refit_gram``).
+    (``methods.control``; the summary's ``refit_gram``), except where that estimate is not
+    positive definite: there the plain one stands (listed in ``control_fallbacks``).
     """
     by_member = {(i, p.kind): p for p in plans for i in p.layers}
     ids = ctx.calibration_ids[:samples]
@@ -321,6 +322,7 @@ def refit_sequential(
     layers = family.layers(model)
     groups = []
     replayed = 0
+    fallbacks: list[list] = []  # control: the (layer, input) Grams whose estimate was indefinite
     with (
         torch.no_grad(),
         ctx.autocast(),
@@ -358,9 +360,11 @@ def refit_sequential(
                 with ctx.exact():
                     if dense is not None:
                         calibration = ctx.stats["gram"]
-                        acc = controlled_gram(
+                        acc, controlled = controlled_gram(
                             acc, dense[name], calibration.gram(i, name), calibration.tokens
                         )
+                        if not controlled:
+                            fallbacks.append([i, name])
                     groups += _refit_kinds(
                         layers, family, by_member, i, kinds, acc, originals, ctx, eps, refit_basis
                     )
@@ -374,4 +378,5 @@ def refit_sequential(
     summary["replayed_layers"] = replayed
     if control:
         summary["refit_gram"] = "control"
+        summary["control_fallbacks"] = fallbacks
     return summary
