@@ -46,10 +46,10 @@ def test_refit_survives_a_basis_the_inputs_never_excite():
     assert torch.isfinite(c).all()
 
 
-def setup(method_cls, schema, family_name="llama", *, model_dtype=F64, samples=8, **kw):
+def setup(method_cls, schema, family_name="llama", *, model_dtype=F64, **kw):
     model = make_tiny_model(family_name, dtype=model_dtype)
     family = family_for_model_type(model.config.model_type)
-    ids = torch.randint(0, 320, (samples, 32), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(1))
     stats = collect_grams(model, family, ids, 4, F64)
     cfg = OmegaConf.merge(OmegaConf.structured(schema), {"name": method_cls.name, **kw})
     ctx = CompressionContext(

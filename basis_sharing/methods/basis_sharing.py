@@ -277,12 +277,7 @@ class BasisSharing(FactorizedMethod):
             self.decomposition_choice(),
             replaces_decomposed=not self.update_derives_every_factor(),
         )
-        return refit_sequential(
-            *args,
-            samples=samples,
-            refit_basis=how if refit_basis else None,
-            control=self.cfg.get("refit_gram", "sample") == "control",
-        )
+        return refit_sequential(*args, samples=samples, refit_basis=how if refit_basis else None)
 
     def update_derives_every_factor(self) -> bool:
         """``update=layerwise refit_basis=true``: every group is re-derived at its first member

@@ -10,6 +10,7 @@ earlier layers let through is compensated too. Optionally each shared basis is r
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -18,7 +19,6 @@ from torch import nn
 
 from basis_sharing.calibration.grams import GramAccumulator, hooked_kinds
 from basis_sharing.linalg.refit import CompensatedSystem, refit_shared_basis
-from basis_sharing.methods.control import original_layer
 from basis_sharing.methods.plan import GroupPlan
 from basis_sharing.methods.registry import CompressionContext
 from basis_sharing.methods.update import update_runner, update_summary
@@ -81,6 +81,42 @@ def _capture(
     """``capture_input`` at the projection that reads input ``name`` (its first reader)."""
     module = family.module(layer, hooked_kinds(family)[name])
     return capture_input(layer, module, hidden, call, stop)
+
+
+def _dense_linear(weights: torch.Tensor, module: nn.Module) -> nn.Linear:
+    """nn.Linear computing x W (+ the compressed ``module``'s bias), in its dtype and device."""
+    coefficient = module.coefficient.weight
+    bias = module.coefficient.bias
+    d_in, d_out = weights.shape
+    dense = nn.Linear(
+        d_in, d_out, bias=bias is not None, device=coefficient.device, dtype=coefficient.dtype
+    )
+    with torch.no_grad():
+        dense.weight.copy_(weights.T)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    return dense
+
+
+def original_layer(
+    layer: nn.Module, family: FamilyAdapter, index: int, kinds: Sequence[str], originals: dict
+) -> nn.Module:
+    """A copy of compressed decoder layer ``index`` with its ``kinds`` dense again.
+
+    The compressed leaves are swapped out while copying (a shared basis's registry is not copied),
+    and each is replaced in the copy by an ``nn.Linear`` holding ``originals[(index, kind)]``.
+    """
+    compressed = {kind: family.module(layer, kind) for kind in kinds}
+    for kind in kinds:
+        family.set_module(layer, kind, nn.Identity())
+    try:
+        dense = copy.deepcopy(layer)
+    finally:
+        for kind, module in compressed.items():
+            family.set_module(layer, kind, module)
+    for kind, module in compressed.items():
+        family.set_module(dense, kind, _dense_linear(originals[(index, kind)], module))
+    return dense
 
 
 def _refit_member(

@@ -65,9 +65,6 @@ class WhitenedSVDMethodConfig(FactorizedMethodConfig):
     # at its first member on the deviated Gram
     refit_basis: bool = False
     refit_samples: int | None = None  # sequential, layerwise: the first N calibration samples
-    # layerwise: the deviated Grams as measured on the refit samples (sample), or the calibration
-    # Gram plus the deviation measured on them (control: a control variate, docs/methods.md §10.1)
-    refit_gram: str = "sample"
     whitening: str = "cholesky"  # or eigh (SVD-LLM V2: clamped eigenvalues)
     # Ranks: uniform (the papers' rule per group) or global (largest whitened energy per
     # parameter, docs/methods.md §10.2), within each kind or across all kinds (allocation_scope).

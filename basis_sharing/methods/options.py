@@ -19,8 +19,6 @@ ALLOCATIONS = ("uniform", "global")
 ALLOCATION_SCOPES = ("kind", "all")
 # shared=auto decides for every compressed kind, or only for the kinds the family's rule shares.
 AUTO_CANDIDATES = ("all", "rule")
-# update=layerwise: the deviated Gram of the refit samples, or its control-variate estimate.
-REFIT_GRAMS = ("sample", "control")
 
 # What ``update: true`` means for each method: its paper's own refit.
 OWN_UPDATE = {"svd_llm": "layerwise"}
@@ -66,7 +64,7 @@ def check_whitened_options(cfg: Any, method: str) -> None:
 
 def check_refit_options(cfg: Any, mode: str) -> None:
     """``refit_basis`` and ``refit_samples`` belong to the layer-by-layer refits,
-    ``update=sequential`` and ``update=layerwise``; ``refit_gram`` to ``layerwise``."""
+    ``update=sequential`` and ``update=layerwise``."""
     refit_basis, samples = bool(cfg.get("refit_basis", False)), cfg.get("refit_samples")
     if mode not in ("sequential", "layerwise") and refit_basis:
         raise ConfigError(
@@ -80,11 +78,3 @@ def check_refit_options(cfg: Any, mode: str) -> None:
         )
     if samples is not None and int(samples) < 1:
         raise ConfigError(f"method.refit_samples={samples} must be >= 1 (or null: every sample).")
-    estimate = cfg.get("refit_gram", "sample")
-    if estimate not in REFIT_GRAMS:
-        raise unknown_choice("method.refit_gram", estimate, REFIT_GRAMS)
-    if estimate != "sample" and mode != "layerwise":
-        raise ConfigError(
-            f"method.refit_gram={estimate} is an option of method.update=layerwise "
-            f"(got method.update={mode})."
-        )

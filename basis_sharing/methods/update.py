@@ -37,7 +37,6 @@ from basis_sharing.calibration.grams import GramAccumulator, collect_grams
 from basis_sharing.linalg.factorization import concat_weights, decompose_shared
 from basis_sharing.linalg.refit import output_error, refit_coefficients
 from basis_sharing.linalg.whitening import DEFAULT_EPS, whiten
-from basis_sharing.methods.control import controlled_gram, dense_layer_grams
 from basis_sharing.methods.plan import GroupPlan
 from basis_sharing.methods.registry import CompressionContext
 from basis_sharing.models.families import ATTN_OUT, FamilyAdapter
@@ -290,7 +289,6 @@ def refit_sequential(
     samples: int | None = None,
     refit_basis: BasisRefit | None = None,
     replay_attention: bool = True,
-    control: bool = False,
 ) -> dict:
     """SVD-LLM's update: layer by layer on the outputs of the compressed, refit earlier layers.
 
@@ -309,12 +307,6 @@ def refit_sequential(
     hidden, the outputs that propagate) replay the attention as o(x_o) instead of recomputing
     q/k/v and the attention (``runtime.replay``; the same numbers bit for bit, checked per
     batch). The summary's ``replayed_layers`` counts the layers where it applied.
-
-    ``control`` (``refit_gram=control``): beside the pass, the dense layers run on the dense
-    model's hidden states of the same samples, and every deviated Gram is replaced by the
-    control-variate estimate M + (N / n)(M^_n - M_n) on the calibration Gram M
-    (``methods.control``; the summary's ``refit_gram``), except where that estimate is not
-    positive definite: there the plain one stands (listed in ``control_fallbacks``).
     """
     by_member = {(i, p.kind): p for p in plans for i in p.layers}
     ids = ctx.calibration_ids[:samples]
@@ -322,20 +314,14 @@ def refit_sequential(
     layers = family.layers(model)
     groups = []
     replayed = 0
-    fallbacks: list[list] = []  # control: the (layer, input) Grams whose estimate was indefinite
     with (
         torch.no_grad(),
         ctx.autocast(),
         runner.open(token_batches(ids, ctx.calib_batch_size), desc="update: layers") as session,
     ):
-        original = [state.hidden for state in session.states]  # the dense model's stream
         for block in session.blocks():
             (i,) = block.layers
             layer = block.modules[0]
-            dense = None
-            if control:
-                compressed = [k for k in family.kinds if (i, k) in by_member]
-                dense = dense_layer_grams(block, family, compressed, originals, original, ctx)
             replay = (
                 _attention_replay(layer, family, i, by_member, block) if replay_attention else None
             )
@@ -358,13 +344,6 @@ def refit_sequential(
                     with ctx.exact():
                         acc.add(x)
                 with ctx.exact():
-                    if dense is not None:
-                        calibration = ctx.stats["gram"]
-                        acc, controlled = controlled_gram(
-                            acc, dense[name], calibration.gram(i, name), calibration.tokens
-                        )
-                        if not controlled:
-                            fallbacks.append([i, name])
                     groups += _refit_kinds(
                         layers, family, by_member, i, kinds, acc, originals, ctx, eps, refit_basis
                     )
@@ -375,8 +354,4 @@ def refit_sequential(
                 replayed += 1
             # leaving the block: the runner propagates the refit layer's outputs
     summary = update_summary("layerwise", int(ids.numel()), groups, ctx.forward_dtype)
-    summary["replayed_layers"] = replayed
-    if control:
-        summary["refit_gram"] = "control"
-        summary["control_fallbacks"] = fallbacks
-    return summary
+    return {**summary, "replayed_layers": replayed}

@@ -47,7 +47,6 @@ BASE_COLUMNS = [
     "sharing",
     "refit_basis",
     "refit_samples",
-    "refit_gram",
     "decomposition",
     "kinds",
     "sparsity",
@@ -200,8 +199,6 @@ def record_row(record: dict[str, Any]) -> dict[str, Any]:
         # update=sequential's options (docs/methods.md §10.1); records before them: False / None.
         "refit_basis": bool(method_cfg.get("refit_basis", False)),
         "refit_samples": method_cfg.get("refit_samples"),
-        # update=layerwise's Gram estimate; records before the option: sample.
-        "refit_gram": method_cfg.get("refit_gram", "sample" if "eps" in method_cfg else None),
         "decomposition": method_cfg.get("decomposition", "svd" if "eps" in method_cfg else None),
         # Methods compressing some kinds only (method.kinds, FiPS): which, and the ratio over them.
         "kinds": "/".join(kinds) if (kinds := method_cfg.get("kinds")) else "all",
