@@ -8,7 +8,10 @@ its arithmetic:
 
     forward  = 2 x (decoder projection weights + LM head) x tokens
                + 4 x layers x seq_len x hidden x tokens        (attention scores and values)
-    Grams    = 2 x sum over layers and inputs of d_in^2 x tokens
+    Grams    = 2 x sum over layers and inputs of E(d_in) x tokens
+
+E(d) being the Gram entries the accumulator computes (``gram_block_entries``: the upper block
+triangle, about 56-67 % of d^2; docs/methods.md §2.2).
 
 The report gives tokens/s, the achieved FLOP/s (forward + Grams over the wall time) and its
 fraction of the measured peak (of the forward dtype's peak for the forward part).
@@ -37,7 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from basis_sharing.calibration.grams import collect_grams  # noqa: E402
+from basis_sharing.calibration.grams import collect_grams, gram_block_entries  # noqa: E402
 from basis_sharing.data.calibration import sample_calibration_blocks  # noqa: E402
 from basis_sharing.evaluation.params import dense_projection_weights  # noqa: E402
 
@@ -98,7 +101,7 @@ def flops(model, family, tokens: int, seq_len: int, grams) -> dict[str, float]:
     head = config.vocab_size * config.hidden_size
     attention = 4 * config.num_hidden_layers * seq_len * config.hidden_size
     forward = (2 * (projections + head) + attention) * tokens
-    gram = 2 * sum(g.shape[0] ** 2 for g in grams.grams.values()) * tokens
+    gram = 2 * sum(gram_block_entries(g.shape[0]) for g in grams.grams.values()) * tokens
     return {"forward": float(forward), "grams": float(gram)}
 
 

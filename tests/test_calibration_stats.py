@@ -20,6 +20,8 @@ from basis_sharing.calibration import (
     stats_key,
     stats_path,
 )
+from basis_sharing.calibration import grams as grams_module
+from basis_sharing.calibration.grams import GRAM_BLOCK_WIDTH, GRAM_MAX_BLOCKS, gram_blocks
 from basis_sharing.errors import ConfigError
 from basis_sharing.models.families import MLP_IN, get_family
 
@@ -91,11 +93,71 @@ def test_accumulator_rejects_a_different_width():
         acc.add(torch.randn(4, 9))
 
 
+@pytest.mark.parametrize("d", [1, 191, 192, 193, 576, 1536, 4096, 11008])
+def test_gram_blocks_tile_the_width(d):
+    blocks = gram_blocks(d)
+    assert blocks[0][0] == 0 and blocks[-1][1] == d
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:], strict=False))
+    assert len(blocks) <= GRAM_MAX_BLOCKS
+    assert all(stop - start >= GRAM_BLOCK_WIDTH for start, stop in blocks[:-1])
+    assert (len(blocks) == 1) == (d <= GRAM_BLOCK_WIDTH)
+    with pytest.raises(ValueError, match="positive"):
+        gram_blocks(0)
+
+
+@pytest.mark.parametrize("store", [None, "cpu"])
+def test_block_triangular_gram_is_the_whole_symmetric_product(monkeypatch, store):
+    # Narrow blocks so that a small width is cut into 7: every block pair, the ragged last block,
+    # and a read between adds (the lower blocks must be re-mirrored, not kept stale).
+    monkeypatch.setattr(grams_module, "GRAM_BLOCK_WIDTH", 3)
+    assert len(gram_blocks(20)) == 7
+    torch.manual_seed(0)
+    batches = [torch.randn(2, 5, 20, dtype=torch.float64) for _ in range(3)]
+    acc = GramAccumulator(torch.float64, store=store)
+    seen = []
+    for x in batches:
+        acc.add(x)
+        seen.append(x.reshape(-1, 20))
+        flat = torch.cat(seen)
+        torch.testing.assert_close(acc.gram, flat.T @ flat, atol=1e-12, rtol=0)
+        _assert_mirrored(acc.gram)
+    assert acc.tokens == 30
+
+
+def _assert_mirrored(gram):
+    """Every block below the diagonal is the exact transpose of its upper twin."""
+    for start, stop in gram_blocks(gram.shape[0])[:-1]:
+        assert torch.equal(gram[stop:, start:stop], gram[start:stop, stop:].T)
+
+
+@pytest.mark.parametrize("d", [576, 1536])
+def test_block_triangular_gram_matches_a_full_float32_product(d):
+    torch.manual_seed(1)
+    x = torch.randn(256, d)
+    acc = GramAccumulator(torch.float32)
+    acc.add(x)
+    assert len(gram_blocks(d)) > 1
+    full = torch.zeros(d, d).addmm_(x.T, x)
+    torch.testing.assert_close(acc.gram, full, atol=1e-4, rtol=1e-5)
+    _assert_mirrored(acc.gram)
+
+
+def test_setting_the_gram_replaces_it_whole():
+    acc = GramAccumulator(torch.float64)
+    acc.add(torch.randn(8, 400, dtype=torch.float64))
+    replacement = torch.eye(400, dtype=torch.float64)
+    acc.gram = replacement
+    assert acc.gram is replacement and acc.device == torch.device("cpu")
+
+
 # ---------------------------------------------------------------- hooks on every family
 
 
+@pytest.mark.parametrize("block_width", [None, 4])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_collect_grams_matches_independent_capture(name):
+def test_collect_grams_matches_independent_capture(name, block_width, monkeypatch):
+    if block_width is not None:  # several blocks even at the tiny models' widths
+        monkeypatch.setattr(grams_module, "GRAM_BLOCK_WIDTH", block_width)
     family = get_family(name)
     model = make_tiny_model(name, dtype=torch.float64)
     ids = _ids()

@@ -48,11 +48,15 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ACCUMULATE_DTYPES",
+    "GRAM_BLOCK_WIDTH",
+    "GRAM_MAX_BLOCKS",
     "GramAccumulator",
     "GramStatistic",
     "GramStats",
     "accumulate_dtype_name",
     "collect_grams",
+    "gram_block_entries",
+    "gram_blocks",
     "hooked_kinds",
     "load_or_collect",
     "read_stats",
@@ -98,6 +102,28 @@ class GramStats:
         return total
 
 
+# The accumulator computes only the upper block triangle of X^T X (docs/methods.md §2.2): the
+# columns are cut into at most GRAM_MAX_BLOCKS blocks of at least GRAM_BLOCK_WIDTH, and each batch
+# adds one strip per block row, X_i^T [X_i ... X_b] -- (b + 1) / (2 b) of a full product's work
+# (b = 8: 56 %). The lower blocks are mirrored from the upper ones when the Gram is read.
+# Narrower blocks would save more multiplies but run the BLAS on thinner, slower panels.
+GRAM_BLOCK_WIDTH = 192
+GRAM_MAX_BLOCKS = 8
+
+
+def gram_blocks(d: int) -> list[tuple[int, int]]:
+    """[start, stop) column ranges of the blocks a width-``d`` Gram is accumulated in."""
+    if d < 1:
+        raise ValueError(f"a Gram needs a positive width, got {d}")
+    width = max(GRAM_BLOCK_WIDTH, -(-d // GRAM_MAX_BLOCKS))
+    return [(start, min(start + width, d)) for start in range(0, d, width)]
+
+
+def gram_block_entries(d: int) -> int:
+    """Entries of a width-``d`` Gram the blocks compute: each is one dot product per batch."""
+    return sum((stop - start) * (d - start) for start, stop in gram_blocks(d))
+
+
 class GramAccumulator:
     """Running X^T X of one activation stream, fed batch by batch.
 
@@ -105,7 +131,12 @@ class GramAccumulator:
     (tokens, d_in) product runs where the activations are; only the (d_in, d_in) result ever
     moves to the CPU. With ``store`` (``calibration.gram_device=cpu``) the running Gram lives
     there instead: each batch's product is still computed where the activations are, then added
-    to it, so the device holds one batch's d_in x d_in product at a time and no layer's Gram.
+    to it, so the device holds one batch's strip of products at a time and no layer's Gram.
+
+    Only the upper block triangle is accumulated (``gram_blocks``); reading ``gram`` fills the
+    lower blocks with its transpose first, so callers always see the whole symmetric matrix.
+    Each upper entry is the same dot product over the same tokens as in a full product; only
+    which half of the symmetric matrix is computed changes.
     """
 
     def __init__(
@@ -113,38 +144,64 @@ class GramAccumulator:
     ) -> None:
         self.dtype = ACCUMULATE_DTYPES[accumulate_dtype_name(dtype)]
         self.store = None if store is None else torch.device(store)
-        self.gram: torch.Tensor | None = None  # (d_in, d_in)
+        self._gram: torch.Tensor | None = None  # (d_in, d_in); lower blocks valid if _mirrored
+        self._mirrored = True
         self.tokens = 0
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        """X^T X: (d_in, d_in), symmetric; None before the first batch."""
+        if self._gram is not None and not self._mirrored:
+            # A Gram begun under inference mode can only be written in place under it.
+            with torch.inference_mode(self._gram.is_inference()):
+                for start, stop in gram_blocks(self._gram.shape[0])[:-1]:
+                    self._gram[stop:, start:stop] = self._gram[start:stop, stop:].T
+            self._mirrored = True
+        return self._gram
+
+    @gram.setter
+    def gram(self, value: torch.Tensor | None) -> None:
+        self._gram = value
+        self._mirrored = True
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the running Gram lives; None before the first batch."""
+        return None if self._gram is None else self._gram.device
 
     def add(self, x: torch.Tensor) -> None:
         """Fold activations ``x``: (..., d_in) into the Gram; every leading position is a token."""
         x = x.detach()
-        if self.store is None and self.gram is not None and x.device != self.gram.device:
-            x = x.to(self.gram.device)  # e.g. a model split over devices, or a finished block
+        if self.store is None and self._gram is not None and x.device != self._gram.device:
+            x = x.to(self._gram.device)  # e.g. a model split over devices, or a finished block
         flat = x.reshape(-1, x.shape[-1]).to(self.dtype)  # (tokens, d_in)
-        if self.gram is None:
+        if self._gram is None:
             d_in = flat.shape[1]
             where = flat.device if self.store is None else self.store
-            self.gram = torch.zeros(d_in, d_in, dtype=self.dtype, device=where)
-        elif flat.shape[1] != self.gram.shape[0]:
+            self._gram = torch.zeros(d_in, d_in, dtype=self.dtype, device=where)
+        elif flat.shape[1] != self._gram.shape[0]:
             raise ValueError(
-                f"Activation width {flat.shape[1]} does not match the Gram's {self.gram.shape[0]}."
+                f"Activation width {flat.shape[1]} does not match the Gram's {self._gram.shape[0]}."
             )
-        if self.store is None:
-            self.gram.addmm_(flat.T, flat)
-        else:  # offloaded: this batch's product where the activations are, summed on the store
-            self.gram += (flat.T @ flat).to(self.gram.device)
+        for start, stop in gram_blocks(flat.shape[1]):
+            rows = flat[:, start:stop].T
+            if self.store is None:
+                self._gram[start:stop, start:].addmm_(rows, flat[:, start:])
+            else:  # offloaded: this strip where the activations are, summed on the store
+                self._gram[start:stop, start:] += (rows @ flat[:, start:]).to(self.store)
+        self._mirrored = False
         self.tokens += flat.shape[0]
 
     def to(self, device: torch.device | str) -> None:
-        if self.gram is not None:
-            self.gram = self.gram.to(device)
+        if self._gram is not None:
+            self._gram = self._gram.to(device)
 
     def reduce(self, world: World) -> None:
         """Sum the ranks' Grams and token counts: X^T X of the stacked X is the sum of blocks'."""
-        if self.gram is None:
+        gram = self.gram  # mirrored: every rank sums whole symmetric matrices
+        if gram is None:
             raise RuntimeError("a Gram accumulator that saw no batch cannot be reduced")
-        world.all_reduce_(self.gram, "sum")
+        world.all_reduce_(gram, "sum")
         (self.tokens,) = world.sum_ints(self.tokens)
 
 

@@ -53,10 +53,11 @@ class CompensationStats:
         if x_hat.shape != x.shape:
             raise ValueError(f"deviated inputs {tuple(x_hat.shape)} vs original {tuple(x.shape)}")
         self.hat.add(x_hat)
-        flat_hat = x_hat.detach().reshape(-1, x_hat.shape[-1]).to(self.hat.gram)
-        flat = x.detach().reshape(-1, x.shape[-1]).to(self.hat.gram)
+        where = {"device": self.hat.device, "dtype": self.hat.dtype}
+        flat_hat = x_hat.detach().reshape(-1, x_hat.shape[-1]).to(**where)
+        flat = x.detach().reshape(-1, x.shape[-1]).to(**where)
         if self.cross is None:
-            self.cross = torch.zeros_like(self.hat.gram)
+            self.cross = torch.zeros(flat.shape[1], flat.shape[1], **where)
         self.cross.addmm_(flat_hat.T, flat)
 
     def solved(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
