@@ -412,3 +412,50 @@ def test_grams_under_autocast_are_the_lower_precision_activations_accumulated_in
         if low:
             assert gap > 0
     assert lowered > 0  # at least the attention output and MLP hidden inputs ran in bf16
+
+
+# ---------------------------------------------------------------- emulated low-precision forward
+
+CPUINFO_AVX2 = "processor\t: 0\nflags\t\t: avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n"
+CPUINFO_BF16 = "processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16\n"
+CPUINFO_ARM = "processor\t: 0\nFeatures\t: fp asimd fphp asimdhp bf16\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "dtype", "native"),
+    [
+        (CPUINFO_AVX2, "bfloat16", False),
+        (CPUINFO_AVX2, "float16", False),
+        (CPUINFO_BF16, "bfloat16", True),
+        (CPUINFO_BF16, "float16", False),
+        (CPUINFO_ARM, "bfloat16", True),
+        (CPUINFO_ARM, "float16", True),
+        ("processor\t: 0\n", "bfloat16", None),  # no flags line: unknown, not "emulated"
+    ],
+)
+def test_cpu_flags_say_whether_a_dtype_runs_natively(tmp_path, text, dtype, native):
+    from basis_sharing.calibration.statistics import cpu_runs_natively
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(text)
+    assert cpu_runs_natively(dtype, cpuinfo) is native
+    assert cpu_runs_natively(dtype, tmp_path / "missing") is None
+
+
+def test_an_emulated_cpu_forward_is_warned_about(tmp_path, monkeypatch, caplog):
+    from basis_sharing.calibration import statistics
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO_AVX2)
+    monkeypatch.setattr(statistics, "CPUINFO", cpuinfo)
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger=statistics.__name__):
+        assert statistics.check_forward_device(cpu, "bfloat16") is False
+    assert "without bfloat16 instructions" in caplog.text and "emulated" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=statistics.__name__):
+        assert statistics.check_forward_device(cpu, None) is None  # the model's dtype: no check
+        assert statistics.check_forward_device(torch.device("meta"), "bfloat16") is None
+    assert caplog.text == ""
+    cpuinfo.write_text(CPUINFO_BF16)
+    assert statistics.check_forward_device(cpu, "bfloat16") is True

@@ -11,7 +11,11 @@ from omegaconf import OmegaConf
 
 from basis_sharing.calibration.batching import choose_batch_size
 from basis_sharing.calibration.cache import stats_key
-from basis_sharing.calibration.statistics import collect_statistics, forward_autocast
+from basis_sharing.calibration.statistics import (
+    check_forward_device,
+    collect_statistics,
+    forward_autocast,
+)
 from basis_sharing.config import forward_dtype, is_auto_batch
 from basis_sharing.runtime import SEQUENTIAL, make_runner
 from basis_sharing.stages.state import RunState
@@ -47,6 +51,8 @@ def calibrate(state: RunState) -> None:
         "forward_dtype": autocast or cfg.model.dtype,
     }
     device = state.plan.device
+    if autocast is not None:  # None: not a CPU, or its flags could not be read
+        summary["forward_dtype_native"] = check_forward_device(device, autocast)
     batch_size = calibration_batch_size(state, summary)
     gram_store = "cpu" if cfg.calibration.gram_device == "cpu" else None
     if gram_store is not None:
