@@ -6,9 +6,12 @@ Nothing here touches the network: the hub is switched off for the whole session.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import os
 import random
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,16 @@ _WORDS = (
     "album song team season war army ship church school house king queen north south west east "
     "<unk> N @-@ @,@ = , . ; ' \" ( ) -"
 ).split()
+
+
+def load_script(name: str) -> types.ModuleType:
+    """scripts/<name>.py imported as module ``name`` (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def compose_config(*overrides: str):

@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 RATIOS = ["0.2", "0.3", "0.4", "0.5"]
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_compress", REPO / "scripts" / "bench_compress.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench_json(tiny_model_dir, tiny_mirror, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench")
-    code = load_bench().main(
+    code = load_script("bench_compress").main(
         [
             "--model",
             "local",
@@ -87,4 +76,4 @@ def test_json_has_every_stage_and_positive_totals(bench_json):
 
 def test_reserved_overrides_are_refused():
     with pytest.raises(SystemExit):
-        load_bench().parse_args(["--override", "paths.cache_dir=/elsewhere"])
+        load_script("bench_compress").parse_args(["--override", "paths.cache_dir=/elsewhere"])

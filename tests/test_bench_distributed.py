@@ -5,30 +5,20 @@ Nothing about speed is asserted (the CPUs are shared); the reduced Grams must ma
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_distributed", REPO / "scripts" / "bench_distributed.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_tiny_benchmark_times_both_conditions_and_matches_the_grams(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["--hidden", "32", "--layers", "2", "--samples", "6", "--seq-len", "8"]
     argv += ["--batch-size", "2", "--repeats", "2", "--json", str(out)]
-    assert load_bench().main(argv) == 0
+    assert load_script("bench_distributed").main(argv) == 0
     data = json.loads(out.read_text())
     one, two = data["conditions"]["one_process"], data["conditions"]["gloo_2"]
     assert (one["processes"], two["processes"], two["backend"]) == (1, 2, "gloo")

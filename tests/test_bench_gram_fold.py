@@ -6,26 +6,15 @@ they check is exact: the multiply share from the block layout and the equality o
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from basis_sharing.calibration.grams import gram_blocks
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_gram_fold", REPO / "scripts" / "bench_gram_fold.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +22,7 @@ def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench_gram_fold") / "bench.json"
     argv = ["--widths", "100", "384", "--tokens", "64", "--batches", "2", "--repeats", "2"]
     argv += ["--dtype", "float64", "--json", str(out)]
-    assert load_bench().main(argv) == 0
+    assert load_script("bench_gram_fold").main(argv) == 0
     return json.loads(out.read_text())
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import logging
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import load_script
 
 from basis_sharing.data.corpora import alpaca_text, load_corpus
 
@@ -26,18 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_MIRROR = REPO_ROOT.parent / "shared" / "assets"
 
 
-def _load_script() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "prepare_data", REPO_ROOT / "scripts/prepare_data.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-prep = _load_script()
+prep = load_script("prepare_data")
 
 
 class FakeDataset:

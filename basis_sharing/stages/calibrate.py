@@ -51,7 +51,7 @@ def calibrate(state: RunState) -> None:
         "forward_dtype": autocast or cfg.model.dtype,
     }
     device = state.plan.device
-    if autocast is not None:  # None: not a CPU, or its flags could not be read
+    if autocast is not None:  # true / false, or None off the CPU or where its flags are unknown
         summary["forward_dtype_native"] = check_forward_device(device, autocast)
     batch_size = calibration_batch_size(state, summary)
     gram_store = "cpu" if cfg.calibration.gram_device == "cpu" else None
