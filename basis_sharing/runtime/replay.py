@@ -8,8 +8,9 @@ output is o(x_o) on the x_o recorded in the o-input pass. ``AttentionReplay`` re
 and, inside ``replaying(b)``, replaces the attention module's ``forward`` by one returning
 ``o(x_o[b])`` (with the current o, so a refit o is seen), packed like the module's own output.
 
-Exactness is checked, not assumed: while recording, each batch's ``o(x_o)`` must equal (bit for
-bit) what the attention module returned; a family whose attention does anything after o (or
+Exactness is checked, not assumed: while recording, each batch's ``o(x_o)`` (what o returned in
+that call, caught by a forward hook, so the check costs no matmul) must equal (bit for bit) what
+the attention module returned; a family whose attention does anything after o (or
 calls it twice) fails the check and the layer is run in full as before. Once o itself is refit,
 ``freeze`` replaces each x_o by o(x_o), so the later calls of the layer run no attention matmul.
 x_o (then o(x_o)) costs one more copy of the hidden states per batch, on the runner's
@@ -70,17 +71,20 @@ class AttentionReplay:
         """Run ``layer`` to the end of its attention on one batch; x_o (what o read) is returned
         and kept, with what the attention's output holds besides o's output."""
         seen: list[torch.Tensor] = []
+        produced: list[torch.Tensor] = []  # what o returned in that call
         outputs: list[Any] = []
 
-        def pre_hook(_module: nn.Module, args: tuple) -> None:
-            seen.append(args[0].detach())
+        def o_hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            # A copy: what o read, even if the attention wrote into its input afterwards.
+            seen.append(args[0].detach().clone())
+            produced.append(output.detach())
 
         def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
             outputs.append(output)
             raise _Recorded
 
         handles = [
-            self.o.register_forward_pre_hook(pre_hook),
+            self.o.register_forward_hook(o_hook),
             self.attention.register_forward_hook(hook),
         ]
         try:
@@ -98,7 +102,7 @@ class AttentionReplay:
             self.exact
             and len(seen) == 1
             and len(outputs) == 1
-            and torch.equal(self.o(x), _split(outputs[0])[0])
+            and torch.equal(produced[0], _split(outputs[0])[0])
         )
         if self.exact:
             self.inputs.append(x.to(self.store))
