@@ -471,7 +471,7 @@ PLUS_OPTIONS: dict[str, Any] = {
     "sharing": "auto/rule",
     "refit_basis": True,
     "refit_samples": None,
-    "decomposition": "svd",
+    "decomposition": "auto",
 }
 PLAIN = {"whitening": "cholesky", "allocation": "uniform", "refit_basis": False}
 
@@ -543,7 +543,13 @@ def plus_rows() -> tuple[Row, ...]:
                 "basis_sharing",
                 ratio,
                 label="+ auto sharing + layerwise + re-derivation",
-                **{**PLUS_OPTIONS, "sharing": "auto"},
+                **{**PLUS_OPTIONS, "sharing": "auto", "decomposition": "svd"},
+            ),
+            method_row(
+                "basis_sharing",
+                ratio,
+                label="+ auto (rule kinds) + layerwise + re-derivation, SVD",
+                **{**PLUS_OPTIONS, "decomposition": "svd"},
             ),
             method_row(
                 "basis_sharing",
